@@ -1,0 +1,3 @@
+from vmagent.cli import main
+
+raise SystemExit(main())

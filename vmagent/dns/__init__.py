@@ -1,0 +1,1 @@
+"""Caching DNS proxy that answers mesh names from Istio's NameTable."""
