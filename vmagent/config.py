@@ -84,6 +84,13 @@ def parse_list(raw: str) -> tuple[str, ...]:
     return tuple(item for item in re.split(r"[,\s]+", raw.strip()) if item)
 
 
+def parse_float(raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+
+
 def parse_str(raw: str) -> str:
     return raw
 
@@ -123,7 +130,9 @@ class Config:
         "localhost:15053", "DNS listen addresses (localhost = 127.0.0.1 and ::1)", parse_list
     )
     dns_forward_parallel: bool = _setting("false", "ask all upstreams at once", parse_bool)
-    dns_forward_timeout: float = _setting("5s", "total budget for one upstream query", parse_duration)
+    dns_forward_timeout: float = _setting(
+        "5s", "total budget for one upstream query", parse_duration
+    )
     vmagent_dns_attempt_timeout: float = _setting(
         "2s", "timeout for one upstream server attempt", parse_duration
     )
@@ -135,27 +144,66 @@ class Config:
         "", "search domains (default: resolv.conf's)", parse_list
     )
     vmagent_cluster_domain: str = _setting("cluster.local", "Kubernetes cluster domain")
-    vmagent_dns_ttl: int = _setting("30", "TTL of answers from the name table", non_negative(parse_int))
+    vmagent_dns_ttl: int = _setting(
+        "30", "TTL of answers from the name table", non_negative(parse_int)
+    )
     vmagent_dns_cache_max_ttl: int = _setting(
         "300", "cap on the TTL of cached upstream answers", non_negative(parse_int)
     )
     vmagent_dns_cache_negative_ttl: int = _setting(
         "60", "cap on the TTL of cached NXDOMAIN/NODATA", non_negative(parse_int)
     )
-    vmagent_dns_cache_entries: int = _setting("10000", "cache size in entries", non_negative(parse_int))
+    vmagent_dns_cache_entries: int = _setting(
+        "10000", "cache size in entries", non_negative(parse_int)
+    )
     vmagent_dns_cache_bytes: int = _setting(
         "16777216", "cache size in bytes of answers", non_negative(parse_int)
     )
     vmagent_dns_stale_seconds: int = _setting(
         "3600", "how long after expiry an answer may be served stale", non_negative(parse_int)
     )
-    vmagent_dns_tcp_idle_timeout: float = _setting("10s", "idle TCP connection timeout", parse_duration)
+    vmagent_dns_tcp_idle_timeout: float = _setting(
+        "10s", "idle TCP connection timeout", parse_duration
+    )
     vmagent_dns_tcp_max_connections: int = _setting(
         "256", "concurrent DNS TCP connections", non_negative(parse_int)
     )
     vmagent_dns_allow_non_loopback: bool = _setting(
         "false", "allow listening on non-loopback addresses", parse_bool
     )
+
+    # Identity: platform credential, CSR, CA client, certificate files (Istio's names).
+    credential_fetcher_type: str = _setting(
+        "auto", "credential source: auto, JWT, GoogleComputeEngine, AWS, Azure"
+    )
+    vmagent_token_file: str = _setting("/etc/vmagent/istio-token", "bootstrap token file (JWT)")
+    gce_metadata_host: str = _setting("169.254.169.254", "GCE metadata server host[:port]")
+    aws_ec2_metadata_service_endpoint: str = _setting("", "AWS IMDS endpoint URL")
+    aws_ec2_metadata_service_endpoint_mode: str = _setting(
+        "IPv4", "AWS IMDS endpoint: IPv4 or IPv6"
+    )
+    vmagent_azure_metadata_endpoint: str = _setting(
+        "http://169.254.169.254", "Azure instance metadata endpoint URL"
+    )
+    vmagent_dmi_root: str = _setting("/sys/class/dmi/id", "DMI directory for cloud detection")
+    ecc_signature_algorithm: str = _setting(
+        "ECDSA", "workload key: ECDSA, or RSA when set to RSA/empty"
+    )
+    ecc_curve: str = _setting("P256", "ECDSA curve: P256 or P384")
+    workload_rsa_key_size: int = _setting("2048", "RSA key size (>= 2048)", non_negative(parse_int))
+    secret_ttl: float = _setting("24h", "requested certificate lifetime", parse_duration)
+    secret_grace_period_ratio: float = _setting(
+        "0.5", "rotate at this fraction of lifetime", parse_float
+    )
+    secret_grace_period_ratio_jitter: float = _setting(
+        "0.01", "jitter of the rotation ratio", parse_float
+    )
+    ca_root_ca: str = _setting("", "root cert to verify the CA (SYSTEM = OS trust store)")
+    xds_root_ca: str = _setting("", "root cert to verify istiod (SYSTEM = OS trust store)")
+    output_certs: str = _setting(
+        "/var/lib/vmagent/certs", "where key.pem/cert-chain.pem/root-cert.pem live"
+    )
+    istio_meta_cert_signer: str = _setting("", "CertSigner metadata sent with the CSR")
 
     # Where each value came from: env key -> "flag", "env", "file:PATH" or "default".
     sources: Mapping[str, str] = dataclasses.field(
@@ -251,6 +299,10 @@ def format_value(value: Any) -> str:
 def describe(config: Config) -> list[tuple[str, str, str]]:
     """(key, effective value, source) for every setting, for ``vmagent config show``."""
     return [
-        (env_key(f), format_value(getattr(config, f.name)), config.sources.get(env_key(f), "default"))
+        (
+            env_key(f),
+            format_value(getattr(config, f.name)),
+            config.sources.get(env_key(f), "default"),
+        )
         for f in settings()
     ]
