@@ -55,7 +55,8 @@ def parse_name_table(document: Any) -> dict[str, NameInfo]:
     unknown = set(document) - {"table"}
     if unknown:
         raise NameTableError(f"name table: unknown keys {sorted(unknown)}")
-    table = document.get("table") or {}
+    table = document.get("table")
+    table = {} if table is None else table
     if not isinstance(table, Mapping):
         raise NameTableError("name table: 'table' must map host names to entries")
     result: dict[str, NameInfo] = {}
