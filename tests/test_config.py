@@ -84,7 +84,7 @@ def test_config_is_immutable() -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"DNS_FORWARD_PARALLEL": "yes"}, "DNS_FORWARD_PARALLEL='yes' (from env): expected a boolean"),
+        ({"DNS_FORWARD_PARALLEL": "yes"}, "DNS_FORWARD_PARALLEL='yes' (from env): expected a bool"),
         ({"VMAGENT_DNS_TTL": "thirty"}, "VMAGENT_DNS_TTL='thirty' (from env): expected a whole"),
         ({"VMAGENT_DNS_TTL": "-1"}, "must not be negative"),
         ({"DNS_FORWARD_TIMEOUT": "5 parsecs"}, "expected a duration"),

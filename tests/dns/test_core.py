@@ -319,7 +319,10 @@ def test_unsupported_edns_version_gets_badvers() -> None:
     assert reply.ar[0].rtype == dnslib.QTYPE.OPT and (reply.ar[0].ttl >> 24) == 1
 
 
-@pytest.mark.parametrize("packet", [b"", b"\x00" * 11, query("a.example")[:2] + b"\x80" + b"\0" * 9])
+RESPONSE = query("a.example")[:2] + b"\x80" + b"\0" * 9
+
+
+@pytest.mark.parametrize("packet", [b"", b"\x00" * 11, RESPONSE])
 def test_headerless_garbage_and_responses_are_dropped(packet: bytes) -> None:
     core = make_core()
     assert core.handle(packet, 0.0, False) is None
