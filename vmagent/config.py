@@ -16,6 +16,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from vmagent.proxyconfig import (
+    ProxyConfig,
+    ProxyConfigError,
+    merge,
+    parse_mesh_config,
+    parse_proxy_config_env,
+)
+
 DEFAULT_CLUSTER_ENV = "/etc/vmagent/cluster.env"
 CLUSTER_ENV_VAR = "VMAGENT_CLUSTER_ENV"
 
@@ -205,9 +213,21 @@ class Config:
     )
     istio_meta_cert_signer: str = _setting("", "CertSigner metadata sent with the CSR")
 
-    # Where each value came from: env key -> "flag", "env", "file:PATH" or "default".
+    vmagent_mesh_config: str = _setting(
+        "", "mesh.yaml from istioctl (default: <VMAGENT_CONFIG_DIR>/mesh.yaml, if present)"
+    )
+    proxy_config_env: str = _setting("", "ProxyConfig YAML laid over mesh.yaml", env="PROXY_CONFIG")
+
+    # Where each value came from: env key -> "flag", "env", "file:PATH", "mesh:PATH", "default".
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+    # Keys Istio reads by prefix (ISTIO_META_*, ISTIO_METAJSON_*, CA_HEADER_*, XDS_HEADER_*).
+    dynamic: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+    proxy_config: ProxyConfig = dataclasses.field(
+        default_factory=ProxyConfig, compare=False, repr=False
     )
 
     @property
@@ -248,31 +268,61 @@ def parse_env_file(text: str, origin: str) -> dict[str, str]:
     return values
 
 
+DYNAMIC_PREFIXES = ("ISTIO_META_", "ISTIO_METAJSON_", "CA_HEADER_", "XDS_HEADER_")
+
+
+def _read_optional(path: Path, explicit: bool, what: str) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: {what} not found") from None
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc}") from None
+
+
 def load_config(
     environ: Mapping[str, str],
     overrides: Mapping[str, str] | None = None,
     cluster_env: str | Path | None = None,
 ) -> Config:
     """Build the effective config. ``cluster_env`` None means: ``$VMAGENT_CLUSTER_ENV`` or the
-    default path, read only if it exists; an explicitly given path must exist."""
+    default path, read only if it exists; an explicitly given path must exist. mesh.yaml's
+    ``proxyMetadata`` (and PROXY_CONFIG's) sit below cluster.env, above the defaults."""
     overrides = overrides or {}
-    file_values: dict[str, str] = {}
-    explicit = cluster_env is not None
     path = Path(cluster_env or environ.get(CLUSTER_ENV_VAR) or DEFAULT_CLUSTER_ENV)
-    explicit = explicit or CLUSTER_ENV_VAR in environ
+    explicit = cluster_env is not None or CLUSTER_ENV_VAR in environ
+    text = _read_optional(path, explicit, "cluster.env file")
+    file_values = parse_env_file(text, str(path)) if text is not None else {}
+    layers: list[tuple[str, Mapping[str, str]]] = [
+        ("flag", overrides),
+        ("env", environ),
+        (f"file:{path}", file_values),
+    ]
+
+    def first(key: str, default: str) -> str:
+        return next((layer[key] for _, layer in layers if key in layer), default)
+
+    mesh_name = first("VMAGENT_MESH_CONFIG", "")
+    mesh_path = Path(mesh_name or Path(first("VMAGENT_CONFIG_DIR", "/etc/vmagent")) / "mesh.yaml")
     try:
-        file_values = parse_env_file(path.read_text(encoding="utf-8"), str(path))
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: cluster.env file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read cluster.env: {exc}") from None
+        mesh_text = _read_optional(mesh_path, bool(mesh_name), "mesh config")
+        base = parse_mesh_config(mesh_text, str(mesh_path)) if mesh_text is not None else {}
+        proxy_config = merge(base, parse_proxy_config_env(first("PROXY_CONFIG", "")))
+    except ProxyConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    layers.append((f"mesh:{mesh_path}", proxy_config.proxy_metadata))
+
+    dynamic: dict[str, str] = {}
+    for _, layer in reversed(layers):
+        dynamic.update((k, v) for k, v in layer.items() if k.startswith(DYNAMIC_PREFIXES))
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for field in settings():
         key = env_key(field)
-        for origin, layer in (("flag", overrides), ("env", environ), (f"file:{path}", file_values)):
+        for origin, layer in layers:
             if key in layer:
                 raw = layer[key]
                 try:
@@ -283,7 +333,12 @@ def load_config(
                 break
         else:
             sources[key] = "default"
-    return Config(**values, sources=MappingProxyType(sources))
+    return Config(
+        **values,
+        sources=MappingProxyType(sources),
+        dynamic=MappingProxyType(dynamic),
+        proxy_config=proxy_config,
+    )
 
 
 def format_value(value: Any) -> str:

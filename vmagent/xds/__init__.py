@@ -1,0 +1,19 @@
+"""The control-plane link: one ADS stream to istiod (or devmesh) carrying NDS and health."""
+
+from vmagent.xds.client import ChannelAuth, XdsClient, xds_target
+from vmagent.xds.node import NodeError, NodeInfo, build_node, usable_ips
+from vmagent.xds.session import HEALTH_TYPE, NAME_TABLE_TYPE, Health, name_table_document
+
+__all__ = [
+    "HEALTH_TYPE",
+    "NAME_TABLE_TYPE",
+    "ChannelAuth",
+    "Health",
+    "NodeError",
+    "NodeInfo",
+    "XdsClient",
+    "build_node",
+    "name_table_document",
+    "usable_ips",
+    "xds_target",
+]

@@ -1,0 +1,130 @@
+"""One ADS stream's protocol, as Istio's agent speaks it to istiod (reference §3.2, §4.3):
+what to send first, how to ACK/NACK NameTable pushes, how health is reported. Pure: messages
+in, messages out; the shell owns the stream."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
+from google.protobuf import json_format, struct_pb2
+from google.rpc import status_pb2
+
+from vmagent._proto import nds_pb2
+from vmagent.dns.table import NameInfo, NameTableError, parse_name_table
+from vmagent.xds.node import NodeInfo
+
+NAME_TABLE_TYPE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
+HEALTH_TYPE = "type.googleapis.com/istio.v1.HealthInformation"
+CODE_INTERNAL = 13  # google.rpc.Code.INTERNAL, what Istio's agent NACKs and reports with
+
+
+def node_message(node: NodeInfo) -> base_pb2.Node:
+    metadata = struct_pb2.Struct()
+    metadata.update(dict(node.metadata))
+    return base_pb2.Node(id=node.id, cluster=node.cluster, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Health:
+    healthy: bool
+    message: str = ""
+
+
+def health_request(health: Health) -> DiscoveryRequest:
+    """A bare HealthInformation request; unhealthy carries ``error_detail`` code 13."""
+    request = DiscoveryRequest(type_url=HEALTH_TYPE)
+    if not health.healthy:
+        request.error_detail.CopyFrom(
+            status_pb2.Status(code=CODE_INTERNAL, message=health.message or "unhealthy")
+        )
+    return request
+
+
+def decode_name_table(response: DiscoveryResponse) -> dict[str, NameInfo]:
+    """The whole table from ``resources[0]`` (Istio replaces the table, never merges)."""
+    resource = response.resources[0]
+    if resource.type_url != NAME_TABLE_TYPE:
+        raise NameTableError(f"unexpected resource type {resource.type_url!r}")
+    table = nds_pb2.NameTable()
+    if not resource.Unpack(table):
+        raise NameTableError("resource does not decode as a NameTable")
+    document = json_format.MessageToDict(table, preserving_proto_field_name=True)
+    return parse_name_table(document)
+
+
+def name_table_document(table: Mapping[str, NameInfo]) -> dict[str, object]:
+    """The protobuf JSON mapping of a table (what ``--name-table`` files hold)."""
+    entries: dict[str, object] = {}
+    for host, info in table.items():
+        entry: dict[str, object] = {"ips": list(info.ips)}
+        for key, value in (
+            ("registry", info.registry),
+            ("shortname", info.shortname),
+            ("namespace", info.namespace),
+        ):
+            if value:
+                entry[key] = value
+        if info.alt_hosts:
+            entry["alt_hosts"] = list(info.alt_hosts)
+        entries[host] = entry
+    return {"table": entries}
+
+
+@dataclass(frozen=True)
+class TablePush:
+    """A NameTable push handled: the reply to send, and the table when it was accepted."""
+
+    reply: DiscoveryRequest
+    table: dict[str, NameInfo] | None
+    version: str
+    error: str | None
+
+
+class AdsSession:
+    """Protocol state of one stream."""
+
+    def __init__(self, node: base_pb2.Node) -> None:
+        self.node = node
+        self.accepted_version = ""
+        self.accepted_nonce = ""
+
+    def opening(self, last_health: Health | None) -> list[DiscoveryRequest]:
+        """The NameTable request carries the node (never a health report first: istiod
+        ignores HealthInformation as a stream's first message); then the last health state."""
+        first = DiscoveryRequest(type_url=NAME_TABLE_TYPE)
+        first.node.CopyFrom(self.node)
+        requests = [first]
+        if last_health is not None:
+            requests.append(health_request(last_health))
+        return requests
+
+    def on_response(self, response: DiscoveryResponse) -> TablePush | DiscoveryRequest | None:
+        if response.type_url != NAME_TABLE_TYPE:
+            # Not subscribed; ACK so the server does not wait on us.
+            return DiscoveryRequest(
+                type_url=response.type_url,
+                version_info=response.version_info,
+                response_nonce=response.nonce,
+            )
+        reply = DiscoveryRequest(type_url=NAME_TABLE_TYPE, response_nonce=response.nonce)
+        if not response.resources:
+            reply.version_info = response.version_info
+            return TablePush(reply, None, response.version_info, None)
+        try:
+            table = decode_name_table(response)
+        except (NameTableError, ValueError) as exc:
+            reply.version_info = self.accepted_version
+            reply.error_detail.CopyFrom(status_pb2.Status(code=CODE_INTERNAL, message=str(exc)))
+            return TablePush(reply, None, response.version_info, str(exc))
+        self.accepted_version = reply.version_info = response.version_info
+        self.accepted_nonce = response.nonce
+        return TablePush(reply, table, response.version_info, None)
+
+
+def backoff_delay(failures: int, fraction: float, base: float = 1.0, cap: float = 30.0) -> float:
+    """Exponential backoff with jitter: ``failures`` >= 1, ``fraction`` uniform in [0, 1)."""
+    ceiling = min(cap, base * 2.0 ** max(0, failures - 1))
+    return ceiling / 2 + fraction * ceiling / 2
