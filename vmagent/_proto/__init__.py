@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC code for Istio's protos (regenerate with ``scripts/gen-protos``)."""

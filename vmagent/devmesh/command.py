@@ -1,0 +1,79 @@
+"""``vmagent devmesh ca`` (the development CA alone) and ``vmagent devmesh token``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vmagent.config import Config, parse_duration
+from vmagent.devmesh.authority import Authority
+from vmagent.devmesh.server import DevCa
+from vmagent.devmesh.settings import DevCaSettings, SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace, config: Config) -> DevCaSettings:
+    directory = str(Path(config.vmagent_state_dir) / "devmesh")
+    settings = load_settings(args.config, config.trust_domain, directory)
+    if args.dir:
+        settings = DevCaSettings(**{**vars(settings), "directory": args.dir})
+    return settings
+
+
+def _run_ca(args: argparse.Namespace, config: Config) -> int:
+    async def serve() -> None:
+        settings = _settings(args, config)
+        if args.listen:
+            settings = DevCaSettings(**{**vars(settings), "listen": args.listen})
+        ca = DevCa(settings)
+        await ca.start()
+        print(
+            f"dev CA listening on {ca.address}; root: {settings.directory}/root-cert.pem",
+            flush=True,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await ca.stop()
+
+    try:
+        asyncio.run(serve())
+    except (SettingsError, OSError, ValueError) as exc:
+        print(f"vmagent devmesh ca: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_token(args: argparse.Namespace, config: Config) -> int:
+    try:
+        settings = _settings(args, config)
+        ttl = parse_duration(args.ttl)
+        authority = Authority.load_or_create(settings.directory, settings.trust_domain, time.time())
+    except (SettingsError, OSError, ValueError) as exc:
+        print(f"vmagent devmesh token: {exc}", file=sys.stderr)
+        return 1
+    namespace = args.namespace or config.namespace
+    account = args.service_account or config.service_account
+    print(authority.mint_token(namespace, account, time.time(), ttl))
+    return 0
+
+
+def register(commands: Any) -> None:
+    devmesh = commands.add_parser("devmesh", help="development mesh (CA)")
+    sub = devmesh.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    ca = sub.add_parser("ca", help="run the development CA (IstioCertificateService)")
+    token = sub.add_parser("token", help="print a dev bootstrap token the dev CA accepts")
+    for parser in (ca, token):
+        parser.add_argument("--config", metavar="FILE", help="dev CA settings (YAML)")
+        parser.add_argument(
+            "--dir", metavar="DIR", help="key directory (default: VMAGENT_STATE_DIR/devmesh)"
+        )
+    ca.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:15012")
+    ca.set_defaults(run=_run_ca)
+    token.add_argument("--namespace", help="default: POD_NAMESPACE")
+    token.add_argument("--service-account", help="default: SERVICE_ACCOUNT")
+    token.add_argument("--ttl", default="1h", help="token lifetime (default 1h)")
+    token.set_defaults(run=_run_token)

@@ -1,0 +1,154 @@
+"""Certificate bundles and the checks a CA reply must pass before it replaces anything (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from vmagent.identity.csr import PrivateKey, public_key_der
+
+CLOCK_SKEW = 300.0  # seconds a leaf's NotBefore may lie in the future
+
+
+class ChainError(ValueError):
+    """A certificate chain (from the CA or from disk) is unusable; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CertBundle:
+    """What SDS serves and the files hold: key, full chain (leaf first, root last), root."""
+
+    key_pem: bytes
+    chain_pem: bytes
+    root_pem: bytes
+    spiffe_ids: tuple[str, ...]
+    serial: int
+    not_before: float
+    not_after: float
+    created: float  # when it was received (rotation is measured from here)
+
+    @property
+    def spiffe_id(self) -> str:
+        return self.spiffe_ids[0] if self.spiffe_ids else ""
+
+    def serial_hex(self) -> str:
+        return f"{self.serial:x}"
+
+
+def parse_certs(data: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ChainError(f"{what}: not PEM certificates") from None
+    if not certs:
+        raise ChainError(f"{what}: no certificate")
+    return certs
+
+
+def load_private_key(data: bytes, what: str) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ChainError(f"{what}: not a PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise ChainError(f"{what}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def spiffe_ids(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(
+        u
+        for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("spiffe://")
+    )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def check_chain(
+    certs: Sequence[x509.Certificate],
+    key: PrivateKey,
+    trusted: Sequence[x509.Certificate] | None,
+    now: float,
+) -> None:
+    """Leaf first, root last: at least two certs, the leaf holds ``key``'s public key, nothing
+    is expired, each cert is signed by the next, and the last is (or is signed by) a trusted
+    root when ``trusted`` is given (None: the OS trust store verified the CA, trust the reply)."""
+    if len(certs) < 2:
+        raise ChainError(f"chain has {len(certs)} certificate(s); the CA must send leaf and root")
+    leaf = certs[0]
+    if public_key_der(leaf) != public_key_der(key):
+        raise ChainError("leaf certificate is not for our key")
+    for position, cert in enumerate(certs):
+        name = "leaf" if position == 0 else f"certificate {position}"
+        if cert.not_valid_after_utc.timestamp() <= now:
+            raise ChainError(f"{name} expired at {cert.not_valid_after_utc.isoformat()}")
+    if leaf.not_valid_before_utc.timestamp() > now + CLOCK_SKEW:
+        raise ChainError(f"leaf is not valid before {leaf.not_valid_before_utc.isoformat()}")
+    for position in range(len(certs) - 1):
+        if not _issued_by(certs[position], certs[position + 1]):
+            raise ChainError(f"certificate {position} is not signed by certificate {position + 1}")
+    if trusted is not None:
+        last = certs[-1]
+        if not any(last == root or _issued_by(last, root) for root in trusted):
+            raise ChainError("chain does not lead to the trusted root certificate")
+
+
+def bundle_from_reply(
+    chain: Sequence[str],
+    key: PrivateKey,
+    key_pem: bytes,
+    trusted: Sequence[x509.Certificate] | None,
+    now: float,
+) -> CertBundle:
+    """Validate a ``CreateCertificate`` reply and make the bundle to serve and store."""
+    if len(chain) < 2:
+        raise ChainError(f"invalid CertChain: {len(chain)} element(s), need leaf and root")
+    pems = [c if c.endswith("\n") else c + "\n" for c in chain]
+    certs: list[x509.Certificate] = []
+    for position, pem in enumerate(pems):
+        certs.extend(parse_certs(pem.encode("utf-8"), f"cert_chain[{position}]"))
+    check_chain(certs, key, trusted, now)
+    return _bundle(key_pem, "".join(pems).encode(), pems[-1].encode(), certs[0], now)
+
+
+def bundle_from_files(
+    key_pem: bytes, chain_pem: bytes, root_pem: bytes, created: float, now: float
+) -> CertBundle:
+    """Validate files read from disk; ``created`` is clamped into the leaf's validity."""
+    key = load_private_key(key_pem, "key.pem")
+    certs = parse_certs(chain_pem, "cert-chain.pem")
+    roots = parse_certs(root_pem, "root-cert.pem")
+    check_chain(certs, key, roots, now)
+    leaf = certs[0]
+    start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+    return _bundle(key_pem, chain_pem, root_pem, leaf, min(max(created, start), end))
+
+
+def _bundle(
+    key_pem: bytes, chain_pem: bytes, root_pem: bytes, leaf: x509.Certificate, created: float
+) -> CertBundle:
+    return CertBundle(
+        key_pem=key_pem,
+        chain_pem=chain_pem,
+        root_pem=root_pem,
+        spiffe_ids=spiffe_ids(leaf),
+        serial=leaf.serial_number,
+        not_before=leaf.not_valid_before_utc.timestamp(),
+        not_after=leaf.not_valid_after_utc.timestamp(),
+        created=created,
+    )
