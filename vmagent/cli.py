@@ -22,9 +22,10 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 
 
 def _registrars() -> list[Registrar]:
+    from vmagent.agent import register as run
     from vmagent.dns.command import register as dns
 
-    found: list[Registrar] = [dns]
+    found: list[Registrar] = [run, dns]
     # Components from later issues register themselves here when present.
     for module in ("vmagent.identity.command", "vmagent.devmesh.command"):
         try:

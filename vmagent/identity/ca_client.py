@@ -127,6 +127,18 @@ def load_roots(target: CaTarget) -> tuple[bytes | None, list[x509.Certificate] |
         raise CaError(str(exc)) from None
 
 
+def open_channel(target: CaTarget, client_cert: tuple[bytes, bytes] | None) -> grpc.aio.Channel:
+    """A channel to the CA or istiod: plaintext only for :15010 targets, else TLS verified
+    against the target's root with the expected server name, presenting ``client_cert``."""
+    if target.plaintext:
+        return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
+    root_pem, _ = load_roots(target)
+    key, chain = client_cert if client_cert else (None, None)
+    credentials = grpc.ssl_channel_credentials(root_pem, key, chain)
+    options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", target.server_name))
+    return grpc.aio.secure_channel(target.address, credentials, options=options)
+
+
 class CaClient:
     def __init__(
         self,
@@ -147,22 +159,13 @@ class CaClient:
     def trusted_roots(self) -> list[x509.Certificate] | None:
         return load_roots(self.target)[1]
 
-    def _channel(self, client_cert: tuple[bytes, bytes] | None) -> grpc.aio.Channel:
-        if self.target.plaintext:
-            return grpc.aio.insecure_channel(self.target.address, options=CHANNEL_OPTIONS)
-        root_pem, _ = load_roots(self.target)
-        key, chain = client_cert if client_cert else (None, None)
-        credentials = grpc.ssl_channel_credentials(root_pem, key, chain)
-        options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.target.server_name))
-        return grpc.aio.secure_channel(self.target.address, credentials, options=options)
-
     async def _call_once(
         self,
         request: ca_pb2.IstioCertificateRequest,
         metadata: tuple[tuple[str, str], ...],
         client_cert: tuple[bytes, bytes] | None,
     ) -> list[str]:
-        async with self._channel(client_cert) as channel:
+        async with open_channel(self.target, client_cert) as channel:
             stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)  # type: ignore[no-untyped-call]
             response = await stub.CreateCertificate(
                 request, metadata=metadata, timeout=CALL_TIMEOUT

@@ -107,7 +107,7 @@ class CertificateManager:
             self._install(bundle)
         return bundle
 
-    def _client_cert(self, now: float) -> tuple[bytes, bytes] | None:
+    def client_cert(self, now: float) -> tuple[bytes, bytes] | None:
         bundle = self.current
         if bundle is None or bundle.not_after <= now + CLIENT_CERT_MARGIN:
             return None
@@ -115,7 +115,7 @@ class CertificateManager:
 
     async def _attempt(self) -> CertBundle:
         now = self._clock()
-        client_cert = self._client_cert(now)
+        client_cert = self.client_cert(now)
         token: str | None = None
         try:
             token = (await self.provider.fetch(now)).token

@@ -1,8 +1,9 @@
 """The control-plane link: one ADS stream to istiod (or devmesh) carrying NDS and health."""
 
+from vmagent.health import HealthEvent as Health
 from vmagent.xds.client import ChannelAuth, XdsClient, xds_target
 from vmagent.xds.node import NodeError, NodeInfo, build_node, usable_ips
-from vmagent.xds.session import HEALTH_TYPE, NAME_TABLE_TYPE, Health, name_table_document
+from vmagent.xds.session import HEALTH_TYPE, NAME_TABLE_TYPE, name_table_document
 
 __all__ = [
     "HEALTH_TYPE",

@@ -21,17 +21,16 @@ from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
 from vmagent.config import Config
 from vmagent.dns.table import NameInfo
+from vmagent.health import HealthEvent as Health
 from vmagent.identity.ca_client import (
-    CHANNEL_OPTIONS,
     DEFAULT_SERVER_NAME,
     CaTarget,
-    load_roots,
+    open_channel,
     request_metadata,
 )
 from vmagent.xds.node import NodeInfo
 from vmagent.xds.session import (
     AdsSession,
-    Health,
     TablePush,
     backoff_delay,
     health_request,
@@ -66,16 +65,6 @@ def xds_target(config: Config) -> CaTarget:
     server_name = config.istiod_san or (DEFAULT_SERVER_NAME if "localhost" in host else host)
     root = config.xds_root_ca or str(Path(config.vmagent_config_dir) / "root-cert.pem")
     return CaTarget(address, server_name, address.endswith(":15010"), root)
-
-
-def open_channel(target: CaTarget, auth: ChannelAuth) -> grpc.aio.Channel:
-    if target.plaintext:
-        return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
-    root_pem, _ = load_roots(target)
-    key, chain = auth.client_cert if auth.client_cert else (None, None)
-    credentials = grpc.ssl_channel_credentials(root_pem, key, chain)
-    options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", target.server_name))
-    return grpc.aio.secure_channel(target.address, credentials, options=options)
 
 
 @dataclass
@@ -174,7 +163,7 @@ class XdsClient:
     async def _stream(self) -> None:
         auth = await self._auth()
         metadata = request_metadata(self._cluster_id, auth.token, self._headers)
-        async with open_channel(self.target, auth) as channel:
+        async with open_channel(self.target, auth.client_cert) as channel:
             await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources(metadata=metadata)

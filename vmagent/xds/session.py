@@ -13,7 +13,9 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
 from vmagent._proto import nds_pb2
+from vmagent.backoff import backoff_delay as backoff_delay  # re-exported for the shell
 from vmagent.dns.table import NameInfo, NameTableError, parse_name_table
+from vmagent.health import HealthEvent as Health
 from vmagent.xds.node import NodeInfo
 
 NAME_TABLE_TYPE = "type.googleapis.com/istio.networking.nds.v1.NameTable"
@@ -25,12 +27,6 @@ def node_message(node: NodeInfo) -> base_pb2.Node:
     metadata = struct_pb2.Struct()
     metadata.update(dict(node.metadata))
     return base_pb2.Node(id=node.id, cluster=node.cluster, metadata=metadata)
-
-
-@dataclass(frozen=True)
-class Health:
-    healthy: bool
-    message: str = ""
 
 
 def health_request(health: Health) -> DiscoveryRequest:
@@ -122,9 +118,3 @@ class AdsSession:
         self.accepted_version = reply.version_info = response.version_info
         self.accepted_nonce = response.nonce
         return TablePush(reply, table, response.version_info, None)
-
-
-def backoff_delay(failures: int, fraction: float, base: float = 1.0, cap: float = 30.0) -> float:
-    """Exponential backoff with jitter: ``failures`` >= 1, ``fraction`` uniform in [0, 1)."""
-    ceiling = min(cap, base * 2.0 ** max(0, failures - 1))
-    return ceiling / 2 + fraction * ceiling / 2

@@ -1,0 +1,5 @@
+"""Local status: readiness and the agent's state document over HTTP (TCP and a Unix socket)."""
+
+from vmagent.status.server import StatusServer, route
+
+__all__ = ["StatusServer", "route"]
