@@ -188,10 +188,31 @@ def test_cached_answers_count_down_and_expire() -> None:
     assert core.counters.queries[UPSTREAM] == 1 and core.counters.queries[CACHE] == 1
 
 
+def test_authority_and_additional_records_survive_caching() -> None:
+    core = make_core()
+    a = dnslib.RR("www.example.org", rdata=dnslib.A("5.6.7.8"), ttl=100)
+    ns = dnslib.RR("example.org", dnslib.QTYPE.NS, rdata=dnslib.NS("ns1.example.org"), ttl=100)
+    glue = dnslib.RR("ns1.example.org", rdata=dnslib.A("5.6.7.9"), ttl=100)
+
+    def build(sent: bytes) -> bytes:
+        reply = dnslib.DNSRecord.parse(upstream_reply(sent, [a], auth=[ns]))
+        reply.ar.insert(0, glue)  # glue before the OPT record
+        return bytes(reply.pack())
+
+    forward_and_reply(core, query("www.example.org"), 0.0, build)
+    cached = answer(core, query("www.example.org"), now=1.0)
+    assert [str(rr.rname) for rr in cached.auth] == ["example.org."]
+    assert [str(rr.rname) for rr in cached.ar] == ["ns1.example.org."]  # OPT not echoed
+
+
 def test_positive_ttl_is_capped() -> None:
     core = make_core(limits=CacheLimits(max_ttl=60))
     a = dnslib.RR("www.example.org", rdata=dnslib.A("5.6.7.8"), ttl=86400)
-    forward_and_reply(core, query("www.example.org"), 0.0, lambda s: upstream_reply(s, [a]))
+    _, first = forward_and_reply(
+        core, query("www.example.org"), 0.0, lambda s: upstream_reply(s, [a])
+    )
+    assert dnslib.DNSRecord.parse(first).rr[0].ttl == 60  # never promise more than we keep
+    assert answer(core, query("www.example.org"), now=10.0).rr[0].ttl == 50
     assert isinstance(core.handle(query("www.example.org"), 59.0, False), bytes)
     assert isinstance(core.handle(query("www.example.org"), 61.0, False), Forward)
 
@@ -210,7 +231,8 @@ def test_nxdomain_is_cached_for_the_soa_minimum() -> None:
     build = lambda s: upstream_reply(s, [], rcode=3, auth=[soa(minimum=20, ttl=50)])  # noqa: E731
     forward_and_reply(core, query("nope.example.org"), 0.0, build)
     cached = answer(core, query("nope.example.org"), now=5.0)
-    assert cached.header.rcode == dnslib.RCODE.NXDOMAIN and cached.auth[0].ttl == 45
+    # RFC 2308 5: the SOA goes out with min(TTL, MINIMUM), counting down.
+    assert cached.header.rcode == dnslib.RCODE.NXDOMAIN and cached.auth[0].ttl == 15
     assert isinstance(core.handle(query("nope.example.org"), 21.0, False), Forward)
 
 
@@ -266,6 +288,20 @@ def test_cache_evicts_least_recently_used_entries_by_count() -> None:
     assert len(core.cache) == 2
     assert isinstance(core.handle(query("n0.example.org"), 1.0, False), Forward)
     assert isinstance(core.handle(query("n2.example.org"), 1.0, False), bytes)
+
+
+def test_evicted_entries_are_not_served_from_remembered_replies() -> None:
+    core = make_core(limits=CacheLimits(max_entries=1))
+    packets = {}
+    for i in range(2):
+        name = f"n{i}.example.org"
+        rr = dnslib.RR(name, rdata=dnslib.A("5.6.7.8"), ttl=100)
+        packets[i] = query(name)
+        forward_and_reply(core, packets[i], 0.0, lambda s, rr=rr: upstream_reply(s, [rr]))
+    # n0 was remembered for the fast path, then evicted by n1 within the same second.
+    remembered = core.fast.get(packets[0][2:])
+    assert remembered is None or remembered.valid_until <= 0.5
+    assert isinstance(core.handle(packets[0], 0.5, False), Forward)
 
 
 def test_cache_is_bounded_in_bytes() -> None:

@@ -72,6 +72,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         self._wake: dict[str, asyncio.Event] = {}
         self._injected: dict[str, list[any_pb2.Any]] = {}
         self._ids = itertools.count(1)
+        # Maps a gRPC peer to the caller's verified SPIFFE ID (set when behind the TLS front).
+        self.identify: Callable[[str], str | None] | None = None
 
     def push_all(self) -> None:
         """Have every stream recompute its NameTable and send it if it changed."""
@@ -98,6 +100,8 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         session = Session(str(next(self._ids)), context.peer(), self.clock())
+        if self.identify is not None:
+            session.identity = self.identify(session.peer)
         wake = asyncio.Event()
         requests = request_iterator.__aiter__()
         reader: asyncio.Future[Any] = asyncio.ensure_future(requests.__anext__())
@@ -212,12 +216,14 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
     async def _push(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if session.node is None:
             return
-        for resource in self._injected.pop(session.id, []):
-            log.warning("ADS: pushing a malformed NameTable to %s (test hook)", session.node.id)
-            await context.write(session.response(NAME_TABLE, [resource], self.clock(), None))
         watch = session.watches.get(NAME_TABLE)
         if watch is None:
             return
+        for resource in self._injected.pop(session.id, []):
+            log.warning("ADS: pushing a malformed NameTable to %s (test hook)", session.node.id)
+            # Keep the last good payload: the good table is not re-sent until it changes.
+            good = watch.sent_payload
+            await context.write(session.response(NAME_TABLE, [resource], self.clock(), good))
         _, payload = pack_table(self.state.name_table(session.node))
         if payload != watch.sent_payload:
             await self._respond(session, NAME_TABLE, context)

@@ -1,4 +1,5 @@
-"""``vmagent devmesh ca`` (the development CA alone) and ``vmagent devmesh token``."""
+"""``vmagent devmesh serve`` (dev CA + xDS control plane), ``vmagent devmesh ca`` (the
+development CA alone) and ``vmagent devmesh token``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,19 @@ from typing import Any
 
 from vmagent.config import Config, parse_duration
 from vmagent.devmesh.authority import Authority
+from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
+from vmagent.devmesh.serve import running_devmesh
 from vmagent.devmesh.server import DevCa
+from vmagent.devmesh.services import ConfigFileError
 from vmagent.devmesh.settings import DevCaSettings, SettingsError, load_settings
 
 
-def _settings(args: argparse.Namespace, config: Config) -> DevCaSettings:
+def _settings(
+    args: argparse.Namespace, config: Config, settings_file: str | None = None
+) -> DevCaSettings:
     directory = str(Path(config.vmagent_state_dir) / "devmesh")
-    settings = load_settings(args.config, config.trust_domain, directory)
+    path = settings_file if args.subcommand == "serve" else args.config
+    settings = load_settings(path, config.trust_domain, directory)
     if args.dir:
         settings = DevCaSettings(**{**vars(settings), "directory": args.dir})
     return settings
@@ -47,6 +54,37 @@ def _run_ca(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace, config: Config) -> int:
+    async def serve() -> None:
+        ca_settings = _settings(args, config, args.ca_config)
+        if args.listen:
+            ca_settings = DevCaSettings(**{**vars(ca_settings), "listen": args.listen})
+        settings = ControlPlaneSettings(
+            config_dir=args.config,
+            grace=parse_duration(args.grace),
+            poll_interval=parse_duration(args.poll),
+            auto_allocate=not args.no_auto_allocate,
+            debug_listen=args.debug_listen,
+        )
+        async with running_devmesh(ca_settings, settings) as mesh:
+            config_view = mesh.control_plane.state.config
+            print(
+                f"devmesh listening on {mesh.address} (CA + xDS, TLS); "
+                f"root: {mesh.root_cert}; mesh config: {args.config} "
+                f"({len(config_view.services)} services, {len(config_view.groups)} groups); "
+                f"debug: {mesh.debug_url or 'off'}",
+                flush=True,
+            )
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except (ConfigFileError, SettingsError, OSError, ValueError) as exc:
+        print(f"vmagent devmesh serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_token(args: argparse.Namespace, config: Config) -> int:
     try:
         settings = _settings(args, config)
@@ -62,8 +100,35 @@ def _run_token(args: argparse.Namespace, config: Config) -> int:
 
 
 def register(commands: Any) -> None:
-    devmesh = commands.add_parser("devmesh", help="development mesh (CA)")
+    devmesh = commands.add_parser("devmesh", help="development mesh (CA and control plane)")
     sub = devmesh.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    serve = sub.add_parser(
+        "serve", help="run the dev CA and xDS control plane (NDS, auto-registration) on one port"
+    )
+    serve.add_argument(
+        "--config", metavar="DIR", required=True, help="mesh config directory (docs/devmesh.md)"
+    )
+    serve.add_argument("--ca-config", metavar="FILE", help="dev CA settings (YAML)")
+    serve.add_argument(
+        "--dir", metavar="DIR", help="key directory (default: VMAGENT_STATE_DIR/devmesh)"
+    )
+    serve.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:15012")
+    serve.add_argument(
+        "--debug-listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_DEBUG_LISTEN,
+        help=f"debug HTTP server, '' for none (default {DEFAULT_DEBUG_LISTEN})",
+    )
+    serve.add_argument(
+        "--grace", default="10s", help="WorkloadEntry cleanup grace period (default 10s)"
+    )
+    serve.add_argument("--poll", default="500ms", help="config directory poll interval")
+    serve.add_argument(
+        "--no-auto-allocate",
+        action="store_true",
+        help="no 240.240.x.y addresses for External services without addresses",
+    )
+    serve.set_defaults(run=_run_serve)
     ca = sub.add_parser("ca", help="run the development CA (IstioCertificateService)")
     token = sub.add_parser("token", help="print a dev bootstrap token the dev CA accepts")
     for parser in (ca, token):

@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +106,16 @@ class CaService(ca_pb2_grpc.IstioCertificateServiceServicer):
 class DevCa:
     """The running dev CA: TLS front on ``listen``, gRPC on a loopback port behind it."""
 
-    def __init__(self, settings: DevCaSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: DevCaSettings,
+        clock: Callable[[], float] = time.time,
+        extra_services: Sequence[Callable[[grpc.aio.Server], None]] = (),
+    ) -> None:
+        """``extra_services`` add more servicers to the same gRPC server (``devmesh serve``
+        adds ADS there, so CA and xDS share one TLS port like istiod's 15012)."""
         self.settings = settings
+        self.extra_services = tuple(extra_services)
         self.authority = Authority.load_or_create(
             settings.directory, settings.trust_domain, clock()
         )
@@ -128,6 +136,8 @@ class DevCa:
         ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(  # type: ignore[no-untyped-call]
             self.service, self._server
         )
+        for add in self.extra_services:
+            add(self._server)
         backend = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
         folder = Path(self.settings.directory)

@@ -109,6 +109,7 @@ class Session:
         self.peer = peer
         self.connected_at = now
         self.node: ProxyNode | None = None
+        self.identity: str | None = None  # verified client-certificate SPIFFE ID, if any
         self.watches: dict[str, Watch] = {}
         self.health: tuple[bool, str, float] | None = None
         self._counter = 0
@@ -170,6 +171,7 @@ class Session:
         out: dict[str, Any] = {
             "stream": self.id,
             "peer": self.peer,
+            "identity": self.identity,
             "connectedAt": rfc3339nano(self.connected_at),
             "node": node.id if node else None,
             "namespace": node.namespace if node else None,

@@ -127,9 +127,10 @@ def _template_from_reply(
         ends.append(len(body))
         if index < an:
             answer_ttl = ttl if answer_ttl is None else min(answer_ttl, ttl)
-        elif index < an + ns and rtype == TYPE_SOA and rdlength >= 20:
-            minimum = struct.unpack_from("!I", reply, off - 4)[0]
-            soa_ttl = min(ttl, minimum)
+        elif index < an + ns:
+            if rtype == TYPE_SOA and rdlength >= 20:
+                minimum = struct.unpack_from("!I", reply, off - 4)[0]
+                soa_ttl = min(ttl, minimum)
         else:
             kept_ar += 1
     if off != len(reply):

@@ -4,10 +4,11 @@ bounded by entries and bytes. Time is passed in (monotonic seconds)."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from vmagent.dns.answers import UpstreamReply
-from vmagent.dns.wire import Template
+from vmagent.dns.wire import Template, cap_ttls
 
 # RFC 8767 4: stale answers go out with a TTL of 30 seconds.
 STALE_TTL = 30
@@ -29,6 +30,9 @@ class CacheEntry:
     stored_at: float
     expires_at: float
     negative: bool
+    # Remembered replies made from this entry (objects with ``valid_until``), voided when the
+    # entry leaves the cache so an evicted answer is not served on from elsewhere.
+    dependents: list[Any] = field(default_factory=list, compare=False)
 
     def age(self, now: float) -> int:
         return int(now - self.stored_at)
@@ -73,27 +77,48 @@ class DnsCache:
         ttl = min(ttl, cap)
         if ttl <= 0 or self.limits.max_entries == 0:
             return None
-        entry = CacheEntry(reply.template, now, now + ttl, reply.negative)
+        entry = CacheEntry(cap_ttls(reply.template, ttl), now, now + ttl, reply.negative)
         self._discard(key)
         self._entries[key] = entry
         self._bytes += _cost(entry)
-        self._evict(now)
+        self._evict()
         return entry
 
     def _discard(self, key: bytes) -> None:
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= _cost(old)
+            _void(old)
 
-    def _evict(self, now: float) -> None:
+    def _evict(self) -> None:
+        """Drop least recently used entries. Hits answered from remembered replies never
+        touch this dict, so an entry whose replies were hit since it was last looked at gets
+        a second chance (the CLOCK approximation of LRU)."""
         limits = self.limits
-        while len(self._entries) > limits.max_entries or self._bytes > limits.max_bytes:
-            _, old = self._entries.popitem(last=False)
+        entries = self._entries
+        chances = len(entries)
+        while len(entries) > limits.max_entries or self._bytes > limits.max_bytes:
+            key, old = entries.popitem(last=False)
+            if chances > 0 and any(d.hits for d in old.dependents):
+                chances -= 1
+                for dependent in old.dependents:
+                    dependent.hits = 0
+                entries[key] = old
+                continue
             self._bytes -= _cost(old)
+            _void(old)
 
     def clear(self) -> None:
+        for entry in self._entries.values():
+            _void(entry)
         self._entries.clear()
         self._bytes = 0
+
+
+def _void(entry: CacheEntry) -> None:
+    for dependent in entry.dependents:
+        dependent.valid_until = 0.0
+    entry.dependents.clear()
 
 
 def _cost(entry: CacheEntry) -> int:

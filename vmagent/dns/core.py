@@ -73,13 +73,14 @@ class DnsCounters:
 class FastEntry:
     """Finished replies (minus the ID) for one exact query; several when addresses rotate."""
 
-    __slots__ = ("outcome", "turn", "valid_until", "variants")
+    __slots__ = ("hits", "outcome", "turn", "valid_until", "variants")
 
     def __init__(self, variants: list[bytes], valid_until: float, outcome: int) -> None:
         self.variants = variants
         self.valid_until = valid_until
         self.outcome = outcome
         self.turn = 0
+        self.hits = 0  # read by the cache's eviction (CLOCK): a hit entry gets a second chance
 
     def next_reply(self) -> bytes:
         variants = self.variants
@@ -159,16 +160,20 @@ class DnsCore:
             if entry is not None:
                 reply = finish(entry.template, query, limit, ttl_age=entry.age(now))
                 if not tcp:
-                    self._remember(packet, [reply], entry.fresh_until(now), CACHE)
+                    fast = self._remember(packet, [reply], entry.fresh_until(now), CACHE)
+                    _depend(entry, fast, now)
                 self.counters.queries[CACHE] += 1
                 return reply
         return Forward(query, key, cacheable=not in_table)
 
-    def _remember(self, packet: bytes, replies: list[bytes], valid_until: float, kind: int) -> None:
+    def _remember(
+        self, packet: bytes, replies: list[bytes], valid_until: float, kind: int
+    ) -> FastEntry:
         fast = self.fast
         if len(fast) >= FAST_MAX_ENTRIES:
             fast = self.fast = {}
-        fast[packet[2:]] = FastEntry([r[2:] for r in replies], valid_until, kind)
+        entry = fast[packet[2:]] = FastEntry([r[2:] for r in replies], valid_until, kind)
+        return entry
 
     @staticmethod
     def upstream_query(forward: Forward, qid: int) -> bytes:
@@ -183,7 +188,8 @@ class DnsCore:
         """Record the outcome of one upstream exchange (None: every upstream failed)."""
         if reply is not None:
             entry = self.cache.put(forward.key, reply, now) if forward.cacheable else None
-            return Resolution(reply.template, entry, UPSTREAM)
+            template = entry.template if entry is not None else reply.template
+            return Resolution(template, entry, UPSTREAM)
         self.counters.upstream_failures += 1
         stale = self.cache.get_stale(forward.key, now) if forward.cacheable else None
         if stale is not None:
@@ -201,5 +207,12 @@ class DnsCore:
         reply = finish(resolution.template, query, limit, ttl_override=resolution.ttl_override)
         entry = resolution.entry
         if entry is not None and not tcp:
-            self._remember(query.packet, [reply], entry.fresh_until(now), CACHE)
+            fast = self._remember(query.packet, [reply], entry.fresh_until(now), CACHE)
+            _depend(entry, fast, now)
         return reply
+
+
+def _depend(entry: CacheEntry, fast: FastEntry, now: float) -> None:
+    """Tie a remembered reply to its cache entry (dropping ties that have lapsed anyway)."""
+    entry.dependents[:] = [d for d in entry.dependents if d.valid_until > now]
+    entry.dependents.append(fast)

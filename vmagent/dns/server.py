@@ -106,6 +106,7 @@ class DnsServer:
             entry = fast.get(data[2:])
             if entry is not None and entry.valid_until > now:
                 counts[entry.outcome] += 1
+                entry.hits += 1
                 try:
                     sendto(data[:2] + entry.next_reply(), addr)
                 except OSError:

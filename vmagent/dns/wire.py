@@ -241,6 +241,18 @@ def finish(
     return bytes(body + opt) if opt else bytes(body)
 
 
+def cap_ttls(template: Template, cap: int) -> Template:
+    """The template with every TTL at most ``cap`` (what a cache keeping it ``cap`` seconds
+    may promise its clients)."""
+    if all(ttl <= cap for ttl in template.ttls):
+        return template
+    body = bytearray(template.body)
+    ttls = tuple(min(ttl, cap) for ttl in template.ttls)
+    for off, ttl in zip(template.ttl_offsets, ttls):
+        _TTL.pack_into(body, off, ttl)
+    return Template(bytes(body), template.counts, template.record_ends, template.ttl_offsets, ttls)
+
+
 _TTL = struct.Struct("!I")
 _COUNTS_FLAGS = struct.Struct("!HHHHH")
 

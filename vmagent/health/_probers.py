@@ -77,8 +77,10 @@ def _join(host: str, port: int) -> str:
 def _os_message(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"lookup failed: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno and not isinstance(exc, ssl.SSLError):
+        return os.strerror(exc.errno).lower()  # asyncio's strerror is "Connect call failed ..."
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
+        return exc.strerror
     return str(exc) or type(exc).__name__
 
 
@@ -94,6 +96,10 @@ async def _connect(host: str, port: int, *, mesh_source: bool) -> socket.socket:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise _ProbeFailed(f"dial tcp {_join(host, port)}: {_os_message(exc)}") from None
+    if mesh_source:
+        # Istio dials with LocalAddr 127.0.0.6, and Go then only tries IPv4 destinations: so
+        # "localhost" means 127.0.0.1 from 127.0.0.6. Keep IPv6 as a fallback, IPv4 first.
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
     last: tuple[str, OSError] | None = None
     for family, type_, proto, _, addr in infos:
         target = _join(str(addr[0]), port)
