@@ -202,12 +202,16 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             log.debug("ADS: ACK %s version %s", decision.type_url, decision.version)
 
     async def _respond(
-        self, session: Session, type_url: str, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        session: Session,
+        type_url: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        packed: tuple[any_pb2.Any, bytes] | None = None,
     ) -> None:
         assert session.node is not None
         now = self.clock()
         if type_url == NAME_TABLE:
-            resource, payload = pack_table(self.state.name_table(session.node))
+            resource, payload = packed or pack_table(self.state.name_table(session.node))
             response = session.response(type_url, [resource], now, payload)
         else:
             response = session.response(type_url, [], now, b"")
@@ -224,6 +228,6 @@ class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ign
             # Keep the last good payload: the good table is not re-sent until it changes.
             good = watch.sent_payload
             await context.write(session.response(NAME_TABLE, [resource], self.clock(), good))
-        _, payload = pack_table(self.state.name_table(session.node))
-        if payload != watch.sent_payload:
-            await self._respond(session, NAME_TABLE, context)
+        packed = pack_table(self.state.name_table(session.node))
+        if packed[1] != watch.sent_payload:
+            await self._respond(session, NAME_TABLE, context, packed)

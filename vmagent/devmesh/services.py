@@ -10,7 +10,6 @@ files. Every error names the file and the key path, e.g.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +17,25 @@ from typing import Any
 
 import yaml
 
+from vmagent.devmesh.yamlread import (
+    ConfigFileError as ConfigFileError,
+)
+from vmagent.devmesh.yamlread import (
+    read_address,
+    read_fail,
+    read_host,
+    read_integer,
+    read_labels,
+    read_labels_raw,
+    read_list,
+    read_mapping,
+    read_string,
+)
+
 KUBERNETES = "Kubernetes"
 EXTERNAL = "External"
 RESOLUTIONS = ("STATIC", "DNS", "NONE")
 PROBE_KINDS = ("httpGet", "tcpSocket", "exec", "grpc")
-
-
-class ConfigFileError(ValueError):
-    """A configuration file that cannot be used; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -117,107 +127,28 @@ class MeshConfig:
         return None
 
 
-# --- small typed readers; ``where`` is the key path used in error messages ---
-
-
-def _fail(where: str, problem: str) -> ConfigFileError:
-    return ConfigFileError(f"{where}: {problem}")
-
-
-def _mapping(value: Any, where: str, allowed: Sequence[str]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise _fail(where, f"expected a mapping, got {type(value).__name__}")
-    unknown = sorted(str(k) for k in value if k not in allowed)
-    if unknown:
-        raise _fail(f"{where}.{unknown[0]}", f"unknown key (allowed: {', '.join(allowed)})")
-    return value
-
-
-def _string(value: Any, where: str, default: str | None = None) -> str:
-    if value is None:
-        if default is None:
-            raise _fail(where, "required")
-        return default
-    if not isinstance(value, str) or not value:
-        raise _fail(where, f"expected a non-empty string, got {value!r}")
-    return value
-
-
-def _integer(value: Any, where: str, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _fail(where, f"expected an integer {low}-{high}, got {value!r}")
-    return value
-
-
-def _labels(value: Any, where: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(where, "expected a mapping of strings")
-    out: dict[str, str] = {}
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, (str, int, float, bool)):
-            raise _fail(f"{where}.{key}", f"expected a string value, got {item!r}")
-        out[key] = str(item).lower() if isinstance(item, bool) else str(item)
-    return out
-
-
-def _list(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise _fail(where, f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def _address(value: Any, where: str, cidr: bool) -> str:
-    text = _string(value, where)
-    try:
-        if cidr and "/" in text:
-            ipaddress.ip_network(text, strict=False)
-        else:
-            ipaddress.ip_address(text)
-    except ValueError:
-        kind = "an IP address or CIDR" if cidr else "an IP address"
-        raise _fail(where, f"expected {kind}, got {text!r}") from None
-    return text
-
-
-def _host(value: Any, where: str) -> str:
-    host = _string(value, where).lower().rstrip(".")
-    labels = host.split(".")
-    if any(not label for label in labels) or any(
-        not all(c.isalnum() or c == "-" for c in label) for label in labels[1:]
-    ):
-        raise _fail(where, f"expected a DNS name (optionally starting with '*.'), got {value!r}")
-    first = labels[0]
-    if first != "*" and not all(c.isalnum() or c == "-" for c in first):
-        raise _fail(where, f"expected a DNS name (optionally starting with '*.'), got {value!r}")
-    return host
-
-
 def _port(item: Any, where: str) -> Port:
-    data = _mapping(item, where, ("name", "port", "number", "protocol", "targetPort"))
+    data = read_mapping(item, where, ("name", "port", "number", "protocol", "targetPort"))
     number = data.get("port", data.get("number"))
     return Port(
-        name=_string(data.get("name"), f"{where}.name", default=f"port-{number}"),
-        number=_integer(number, f"{where}.port", 1, 65535),
-        protocol=_string(data.get("protocol"), f"{where}.protocol", default="TCP"),
+        name=read_string(data.get("name"), f"{where}.name", default=f"port-{number}"),
+        number=read_integer(number, f"{where}.port", 1, 65535),
+        protocol=read_string(data.get("protocol"), f"{where}.protocol", default="TCP"),
     )
 
 
 def _endpoint(item: Any, where: str) -> Endpoint:
     keys = ("address", "labels", "network", "hostname", "subdomain", "ready")
-    data = _mapping(item, where, keys)
+    data = read_mapping(item, where, keys)
     ready = data.get("ready", True)
     if not isinstance(ready, bool):
-        raise _fail(f"{where}.ready", f"expected true or false, got {ready!r}")
+        raise read_fail(f"{where}.ready", f"expected true or false, got {ready!r}")
     return Endpoint(
-        address=_address(data.get("address"), f"{where}.address", cidr=False),
-        labels=_labels(data.get("labels"), f"{where}.labels"),
-        network=_string(data.get("network"), f"{where}.network", default=""),
-        hostname=_string(data.get("hostname"), f"{where}.hostname", default=""),
-        subdomain=_string(data.get("subdomain"), f"{where}.subdomain", default=""),
+        address=read_address(data.get("address"), f"{where}.address", cidr=False),
+        labels=read_labels(data.get("labels"), f"{where}.labels"),
+        network=read_string(data.get("network"), f"{where}.network", default=""),
+        hostname=read_string(data.get("hostname"), f"{where}.hostname", default=""),
+        subdomain=read_string(data.get("subdomain"), f"{where}.subdomain", default=""),
         ready=ready,
     )
 
@@ -229,51 +160,53 @@ SERVICE_KEYS = (
 
 
 def parse_service(item: Any, where: str, namespace: str, source: str) -> Service:
-    data = _mapping(item, where, SERVICE_KEYS)
-    host = _host(data.get("host"), f"{where}.host")
-    registry = _string(data.get("registry"), f"{where}.registry", default=KUBERNETES)
+    data = read_mapping(item, where, SERVICE_KEYS)
+    host = read_host(data.get("host"), f"{where}.host")
+    registry = read_string(data.get("registry"), f"{where}.registry", default=KUBERNETES)
     if registry not in (KUBERNETES, EXTERNAL):
-        raise _fail(f"{where}.registry", f"expected Kubernetes or External, got {registry!r}")
+        raise read_fail(f"{where}.registry", f"expected Kubernetes or External, got {registry!r}")
     if registry == KUBERNETES and host.startswith("*"):
-        raise _fail(f"{where}.host", "a Kubernetes service cannot have a wildcard host")
+        raise read_fail(f"{where}.host", "a Kubernetes service cannot have a wildcard host")
     addresses = tuple(
-        _address(a, f"{where}.addresses[{n}]", cidr=True)
-        for n, a in enumerate(_list(data.get("addresses"), f"{where}.addresses"))
+        read_address(a, f"{where}.addresses[{n}]", cidr=True)
+        for n, a in enumerate(read_list(data.get("addresses"), f"{where}.addresses"))
     )
     headless = any(a in ("0.0.0.0", "::") for a in addresses)
     default_resolution = "NONE" if headless or (not addresses and host.startswith("*")) else ""
     if not default_resolution:
         default_resolution = "STATIC" if registry == KUBERNETES or addresses else "DNS"
-    resolution = _string(data.get("resolution"), f"{where}.resolution", default_resolution)
+    resolution = read_string(data.get("resolution"), f"{where}.resolution", default_resolution)
     if resolution not in RESOLUTIONS:
-        raise _fail(f"{where}.resolution", f"expected one of {', '.join(RESOLUTIONS)}")
+        raise read_fail(f"{where}.resolution", f"expected one of {', '.join(RESOLUTIONS)}")
     selector = data.get("workloadSelector")
     publish = data.get("publishNotReadyAddresses", False)
     if not isinstance(publish, bool):
-        raise _fail(f"{where}.publishNotReadyAddresses", f"expected true or false, got {publish!r}")
+        raise read_fail(
+            f"{where}.publishNotReadyAddresses", f"expected true or false, got {publish!r}"
+        )
     export_to = tuple(
-        _string(e, f"{where}.exportTo[{n}]")
-        for n, e in enumerate(_list(data.get("exportTo", ["*"]), f"{where}.exportTo"))
+        read_string(e, f"{where}.exportTo[{n}]")
+        for n, e in enumerate(read_list(data.get("exportTo", ["*"]), f"{where}.exportTo"))
     )
-    ns = _string(data.get("namespace"), f"{where}.namespace", default=namespace or None)
+    ns = read_string(data.get("namespace"), f"{where}.namespace", default=namespace or None)
     return Service(
         host=host,
         namespace=ns,
-        name=_string(data.get("name"), f"{where}.name", default=host.split(".")[0]),
+        name=read_string(data.get("name"), f"{where}.name", default=host.split(".")[0]),
         registry=registry,
         addresses=tuple(a for a in addresses if a not in ("0.0.0.0", "::")),
         resolution=resolution,
         ports=tuple(
             _port(p, f"{where}.ports[{n}]")
-            for n, p in enumerate(_list(data.get("ports"), f"{where}.ports"))
+            for n, p in enumerate(read_list(data.get("ports"), f"{where}.ports"))
         ),
         export_to=export_to,
         workload_selector=(
-            None if selector is None else _labels(selector, f"{where}.workloadSelector")
+            None if selector is None else read_labels(selector, f"{where}.workloadSelector")
         ),
         endpoints=tuple(
             _endpoint(e, f"{where}.endpoints[{n}]")
-            for n, e in enumerate(_list(data.get("endpoints"), f"{where}.endpoints"))
+            for n, e in enumerate(read_list(data.get("endpoints"), f"{where}.endpoints"))
         ),
         publish_not_ready=publish,
         source=source,
@@ -289,77 +222,71 @@ def _probe(value: Any, where: str) -> Mapping[str, Any] | None:
         return None
     timing = ("initialDelaySeconds", "timeoutSeconds", "periodSeconds")
     thresholds = ("successThreshold", "failureThreshold")
-    data = _mapping(value, where, (*timing, *thresholds, *PROBE_KINDS))
+    data = read_mapping(value, where, (*timing, *thresholds, *PROBE_KINDS))
     kinds = [k for k in PROBE_KINDS if k in data]
     if len(kinds) != 1:
-        raise _fail(where, f"expected exactly one of {', '.join(PROBE_KINDS)}")
+        raise read_fail(where, f"expected exactly one of {', '.join(PROBE_KINDS)}")
     for key in (*timing, *thresholds):
         if key in data:
-            _integer(data[key], f"{where}.{key}", 0, 86400)
+            read_integer(data[key], f"{where}.{key}", 0, 86400)
     kind = kinds[0]
     spec = data[kind]
     if kind == "exec":
-        command = _mapping(spec, f"{where}.exec", ("command",)).get("command")
+        command = read_mapping(spec, f"{where}.exec", ("command",)).get("command")
         if not isinstance(command, list) or not command:
-            raise _fail(f"{where}.exec.command", "expected a non-empty list of strings")
+            raise read_fail(f"{where}.exec.command", "expected a non-empty list of strings")
     else:
         allowed = {
             "httpGet": ("path", "port", "host", "scheme", "httpHeaders"),
             "tcpSocket": ("host", "port"),
             "grpc": ("port", "service"),
         }[kind]
-        port = _mapping(spec, f"{where}.{kind}", allowed).get("port")
-        _integer(port, f"{where}.{kind}.port", 1, 65535)
+        port = read_mapping(spec, f"{where}.{kind}", allowed).get("port")
+        read_integer(port, f"{where}.{kind}.port", 1, 65535)
     return dict(data)
 
 
 def parse_group(item: Any, where: str, namespace: str, source: str) -> WorkloadGroup:
-    data = _mapping(item, where, GROUP_KEYS)
-    template = _mapping(data.get("template") or {}, f"{where}.template", TEMPLATE_KEYS)
-    account = _string(data.get("serviceAccount"), f"{where}.serviceAccount", default="")
-    template_account = _string(
+    data = read_mapping(item, where, GROUP_KEYS)
+    template = read_mapping(data.get("template") or {}, f"{where}.template", TEMPLATE_KEYS)
+    account = read_string(data.get("serviceAccount"), f"{where}.serviceAccount", default="")
+    template_account = read_string(
         template.get("serviceAccount"), f"{where}.template.serviceAccount", default=""
     )
     if account and template_account and account != template_account:
-        raise _fail(f"{where}.serviceAccount", "differs from template.serviceAccount")
+        raise read_fail(f"{where}.serviceAccount", "differs from template.serviceAccount")
     ports = {
-        key: _integer(value, f"{where}.template.ports.{key}", 1, 65535)
-        for key, value in _labels_raw(template.get("ports"), f"{where}.template.ports").items()
+        key: read_integer(value, f"{where}.template.ports.{key}", 1, 65535)
+        for key, value in read_labels_raw(template.get("ports"), f"{where}.template.ports").items()
     }
     return WorkloadGroup(
-        name=_string(data.get("name"), f"{where}.name"),
-        namespace=_string(data.get("namespace"), f"{where}.namespace", default=namespace or None),
-        labels=_labels(data.get("labels"), f"{where}.labels"),
-        annotations=_labels(data.get("annotations"), f"{where}.annotations"),
+        name=read_string(data.get("name"), f"{where}.name"),
+        namespace=read_string(
+            data.get("namespace"), f"{where}.namespace", default=namespace or None
+        ),
+        labels=read_labels(data.get("labels"), f"{where}.labels"),
+        annotations=read_labels(data.get("annotations"), f"{where}.annotations"),
         service_account=account or template_account,
         ports=ports,
-        network=_string(template.get("network"), f"{where}.template.network", default=""),
-        template_labels=_labels(template.get("labels"), f"{where}.template.labels"),
-        locality=_string(template.get("locality"), f"{where}.template.locality", default=""),
-        weight=_integer(template.get("weight", 0), f"{where}.template.weight", 0, 2**32 - 1),
+        network=read_string(template.get("network"), f"{where}.template.network", default=""),
+        template_labels=read_labels(template.get("labels"), f"{where}.template.labels"),
+        locality=read_string(template.get("locality"), f"{where}.template.locality", default=""),
+        weight=read_integer(template.get("weight", 0), f"{where}.template.weight", 0, 2**32 - 1),
         probe=_probe(data.get("probe"), f"{where}.probe"),
         source=source,
     )
 
 
-def _labels_raw(value: Any, where: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(where, "expected a mapping")
-    return value
-
-
 def parse_sidecar(item: Any, where: str, namespace: str, source: str) -> Sidecar:
-    data = _mapping(item, where, ("namespace", "egress"))
+    data = read_mapping(item, where, ("namespace", "egress"))
     egress = tuple(
-        _string(h, f"{where}.egress[{n}]")
-        for n, h in enumerate(_list(data.get("egress"), f"{where}.egress"))
+        read_string(h, f"{where}.egress[{n}]")
+        for n, h in enumerate(read_list(data.get("egress"), f"{where}.egress"))
     )
     for n, host in enumerate(egress):
         if host.count("/") != 1:
-            raise _fail(f"{where}.egress[{n}]", f"expected 'namespace/dnsName', got {host!r}")
-    ns = _string(data.get("namespace"), f"{where}.namespace", default=namespace or None)
+            raise read_fail(f"{where}.egress[{n}]", f"expected 'namespace/dnsName', got {host!r}")
+    ns = read_string(data.get("namespace"), f"{where}.namespace", default=namespace or None)
     return Sidecar(namespace=ns, egress=egress, source=source)
 
 
@@ -378,9 +305,9 @@ def parse_document(document: Any, where: str, source: str) -> MeshConfig:
             f"{where}{unknown[0]}: unknown key (allowed: {', '.join(DOCUMENT_KEYS)})"
         )
     data = document
-    namespace = _string(data.get("namespace"), f"{where}namespace", default="")
-    sections = {k: _list(data.get(k), f"{where}{k}") for k in ("services", "workloadGroups")}
-    sidecars = _list(data.get("sidecars"), f"{where}sidecars")
+    namespace = read_string(data.get("namespace"), f"{where}namespace", default="")
+    sections = {k: read_list(data.get(k), f"{where}{k}") for k in ("services", "workloadGroups")}
+    sidecars = read_list(data.get("sidecars"), f"{where}sidecars")
     return MeshConfig(
         services=tuple(
             parse_service(s, f"{where}services[{n}]", namespace, source)
