@@ -27,7 +27,7 @@ def _registrars() -> list[Registrar]:
 
     found: list[Registrar] = [run, dns]
     # Components from later issues register themselves here when present.
-    for module in ("vmagent.identity.command", "vmagent.devmesh.command"):
+    for module in ("vmagent.identity.command", "vmagent.devmesh.command", "vmagent.devmesh.dev"):
         try:
             imported = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:
