@@ -20,10 +20,11 @@ from google.protobuf import any_pb2
 
 from vmagent.devmesh.node import ProxyNode
 from vmagent.devmesh.registry import rfc3339nano
+from vmagent.xds.session import HEALTH_TYPE, NAME_TABLE_TYPE
 
-PREFIX = "type.googleapis.com/"
-NAME_TABLE = PREFIX + "istio.networking.nds.v1.NameTable"
-HEALTH_INFO = PREFIX + "istio.v1.HealthInformation"
+# The type URLs are the agent's: one definition for both ends of the stream.
+NAME_TABLE = NAME_TABLE_TYPE
+HEALTH_INFO = HEALTH_TYPE
 
 
 @dataclass(frozen=True)
