@@ -225,7 +225,11 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     except (NodeError, ProbeSpecError) as exc:
         print(f"vmagent run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(agent, lambda: reload_config(args)))
+    try:
+        return asyncio.run(serve(agent, lambda: reload_config(args)))
+    except (OSError, ValueError) as exc:  # cannot bind, cannot create the state dir, ...
+        print(f"vmagent run: {exc}", file=sys.stderr)
+        return 1
 
 
 def reload_config(args: argparse.Namespace) -> Config:
