@@ -31,6 +31,7 @@ from vmagent.dns.tablefile import read_name_table
 from vmagent.health import HealthChecker, ProbeSpecError, parse_probe
 from vmagent.identity import CertificateManager, CredentialError, create_manager
 from vmagent.identity.store import atomic_write
+from vmagent.proxyconfig import parse_proxy_config_env
 from vmagent.status import StatusServer
 from vmagent.supervisor import Part, Supervisor
 from vmagent.xds import (
@@ -59,7 +60,7 @@ class Agent:
         self.status = StatusServer(self.state)
         probe = config.proxy_config.readiness_probe
         self.health = (
-            HealthChecker(parse_probe(probe, where="readinessProbe"), self.xds.report_health)
+            HealthChecker(parse_probe(probe, where=probe_origin(config)), self.xds.report_health)
             if probe
             else None
         )
@@ -188,6 +189,14 @@ class Agent:
             "parts": self.supervisor.snapshot(),
             "name_table": name_table_document(self._table),
         }
+
+
+def probe_origin(config: Config) -> str:
+    """Where the readiness probe came from, for errors: PROXY_CONFIG replaces mesh.yaml's."""
+    if "readinessProbe" in parse_proxy_config_env(config.proxy_config_env):
+        return "PROXY_CONFIG: readinessProbe"
+    mesh = config.vmagent_mesh_config or str(Path(config.vmagent_config_dir) / "mesh.yaml")
+    return f"{mesh}: defaultConfig.readinessProbe"
 
 
 def host_addresses() -> list[str]:

@@ -135,6 +135,17 @@ def test_invalid_name_table_is_nacked_with_code_13_and_last_good_version() -> No
     assert result.reply.version_info == "v1" and result.reply.response_nonce == "n2"
 
 
+def test_undecodable_name_table_bytes_are_nacked_not_fatal() -> None:
+    session = AdsSession(node_message(build_node(onboarded_config(), "vm", [])))
+    session.on_response(name_table_response(GOOD, "v1", "n1"))
+    corrupt = DiscoveryResponse(type_url=NAME_TABLE_TYPE, version_info="v2", nonce="n2")
+    corrupt.resources.add(type_url=NAME_TABLE_TYPE, value=b"\xff\xff\xff\xff")
+    result = session.on_response(corrupt)
+    assert isinstance(result, TablePush) and result.table is None
+    assert result.reply.error_detail.code == 13 and "NameTable" in result.reply.error_detail.message
+    assert result.reply.version_info == "v1" and result.reply.response_nonce == "n2"
+
+
 def test_health_request_forms() -> None:
     assert not health_request(Health(True)).HasField("error_detail")
     assert health_request(Health(False, "down")).error_detail.message == "down"

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, message, struct_pb2
 from google.rpc import status_pb2
 
 from vmagent._proto import nds_pb2
@@ -45,7 +45,11 @@ def decode_name_table(response: DiscoveryResponse) -> dict[str, NameInfo]:
     if resource.type_url != NAME_TABLE_TYPE:
         raise NameTableError(f"unexpected resource type {resource.type_url!r}")
     table = nds_pb2.NameTable()
-    if not resource.Unpack(table):
+    try:
+        unpacked = resource.Unpack(table)
+    except message.DecodeError as exc:  # corrupt bytes: NACK, do not end the stream
+        raise NameTableError(f"resource does not decode as a NameTable: {exc}") from None
+    if not unpacked:
         raise NameTableError("resource does not decode as a NameTable")
     document = json_format.MessageToDict(table, preserving_proto_field_name=True)
     return parse_name_table(document)
