@@ -47,6 +47,9 @@ from vmagent.xds import (
 log = logging.getLogger("vmagent")
 
 NAME_TABLE_FILE = "nametable.json"
+# Istio's agent opens xDS once it holds a certificate; vmagent waits this long for the first
+# one, then connects with the bearer credential alone.
+FIRST_CERT_WAIT_SECONDS = 10.0
 
 
 class Agent:
@@ -68,17 +71,22 @@ class Agent:
         self._table: Mapping[str, NameInfo] = {}
         self._started = time.time()
         self.final_health: Health | None = Health(False, "vmagent is stopping")
+        self._have_cert = asyncio.Event()
 
     # --- parts ---
 
     async def _run_identity(self) -> None:
         if self.identity is None:
             self.identity = await create_manager(self.config, self.config.dynamic)
+            self.identity.subscribe(lambda _bundle: self._have_cert.set())
         await self.identity.run()
 
     async def _auth(self) -> ChannelAuth:
         """The xDS stream authenticates like the CA client: the workload cert once there is
         one, and the platform credential as bearer token while it can be had."""
+        if not self._have_cert.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._have_cert.wait(), FIRST_CERT_WAIT_SECONDS)
         manager = self.identity
         if manager is None:
             raise RuntimeError("identity not initialised yet")
