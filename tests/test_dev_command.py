@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,27 +15,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from loopback import free_port
 
 T = TypeVar("T")
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_dual_port() -> int:
-    """A port free for both UDP and TCP (the DNS proxy needs both)."""
-    for _ in range(50):
-        port = free_port()
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port")
 
 
 def eventually(check: Callable[[], T | None], timeout: float = 20.0) -> T:
@@ -75,9 +56,9 @@ def dev(tmp_path: Path) -> Iterator[dict[str, int]]:
     ports = {
         "xds": free_port(),
         "debug": free_port(),
-        "dns": free_dual_port(),
+        "dns": free_port(),
         "status": free_port(),
-        "upstream": free_dual_port(),
+        "upstream": free_port(),
     }
     env = {
         **os.environ,

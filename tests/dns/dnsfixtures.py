@@ -39,6 +39,8 @@ import dns.message
 import dns.name
 import dns.query
 import dns.rdatatype
+from loopback import free_port as free_port  # re-exported for the suite
+from loopback import port_free as port_free
 
 LOOPBACK = "127.0.0.1"
 UPSTREAM_TTL = 60  # auth-ttl of the standard upstream: positive TTL and SOA minimum
@@ -54,30 +56,6 @@ _LEAKY_ENV = re.compile(r"^(VMAGENT_|DNS_|ISTIO_|POD_NAMESPACE$|PILOT_|REDIRECT_
 
 # ---------------------------------------------------------------------------------------------
 # Ports
-
-
-def port_free(host: str, port: int) -> bool:
-    """True when ``port`` can be bound on ``host`` for both UDP and TCP."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(family, kind) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                return False
-    return True
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port that is currently free for both UDP and TCP on ``host``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(200):
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
-        if port_free(host, port):
-            return port
-    raise RuntimeError(f"no free UDP+TCP port on {host}")
 
 
 def hostport(host: str, port: int) -> str:

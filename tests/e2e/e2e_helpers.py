@@ -31,6 +31,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 import yaml
+from loopback import free_port
 
 from vmagent.config import CLUSTER_ENV_VAR, DYNAMIC_PREFIXES, env_key, settings
 from vmagent.devmesh.authority import Authority
@@ -72,21 +73,6 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval:
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
         time.sleep(interval)
-
-
-def free_port() -> int:
-    """A loopback port free for both TCP and UDP right now."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((LOOPBACK, 0))
-            port: int = sock.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            try:
-                udp.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free loopback port")
 
 
 # ---------------------------------------------------------------------------------------------

