@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vmagent import __version__
+from vmagent.cli import run_async
 from vmagent.config import Config, ConfigError, load_config
 from vmagent.dns.service import DnsProxy
 from vmagent.dns.table import NameInfo, NameTableError
@@ -242,11 +243,8 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     except (NodeError, ProbeSpecError) as exc:
         print(f"vmagent run: {exc}", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(serve(agent, lambda: reload_config(args)))
-    except (OSError, ValueError) as exc:  # cannot bind, cannot create the state dir, ...
-        print(f"vmagent run: {exc}", file=sys.stderr)
-        return 1
+    # OSError/ValueError: cannot bind, cannot create the state dir, ...
+    return run_async("run", serve(agent, lambda: reload_config(args)), (OSError, ValueError))
 
 
 def reload_config(args: argparse.Namespace) -> Config:

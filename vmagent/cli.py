@@ -9,10 +9,11 @@ over the environment and ``cluster.env`` in the one :class:`~vmagent.config.Conf
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from vmagent import __version__
@@ -36,6 +37,19 @@ def _registrars() -> list[Registrar]:
             continue
         found.append(imported.register)
     return found
+
+
+def run_async(
+    command: str, main: Coroutine[Any, Any, int | None], errors: tuple[type[Exception], ...]
+) -> int:
+    """Run a command's event loop; an expected failure becomes ``vmagent COMMAND: message`` on
+    stderr and exit status 1 instead of a traceback. A None result means success (0)."""
+    try:
+        result = asyncio.run(main)
+    except errors as exc:
+        print(f"vmagent {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result is None else result
 
 
 def _config_show(args: argparse.Namespace, config: Config) -> int:

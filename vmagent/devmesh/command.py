@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmagent.cli import run_async
 from vmagent.config import Config, parse_duration
 from vmagent.devmesh.authority import Authority
 from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
@@ -46,12 +47,7 @@ def _run_ca(args: argparse.Namespace, config: Config) -> int:
         finally:
             await ca.stop()
 
-    try:
-        asyncio.run(serve())
-    except (SettingsError, OSError, ValueError) as exc:
-        print(f"vmagent devmesh ca: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_async("devmesh ca", serve(), (SettingsError, OSError, ValueError))
 
 
 def _run_serve(args: argparse.Namespace, config: Config) -> int:
@@ -77,12 +73,9 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
             )
             await asyncio.Event().wait()
 
-    try:
-        asyncio.run(serve())
-    except (ConfigFileError, SettingsError, OSError, ValueError) as exc:
-        print(f"vmagent devmesh serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_async(
+        "devmesh serve", serve(), (ConfigFileError, SettingsError, OSError, ValueError)
+    )
 
 
 def _run_token(args: argparse.Namespace, config: Config) -> int:

@@ -13,12 +13,12 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from vmagent.agent import build_agent, host_addresses, serve
+from vmagent.cli import run_async
 from vmagent.config import Config, ConfigError, load_config
 from vmagent.devmesh.controlplane import ControlPlaneSettings
 from vmagent.devmesh.serve import DevMesh, running_devmesh
@@ -53,11 +53,8 @@ def register(commands: Any) -> None:
 
 
 def _run_dev(args: argparse.Namespace, config: Config) -> int:
-    try:
-        return asyncio.run(run_dev(args))
-    except (ConfigFileError, ConfigError, NodeError, ProbeSpecError, OSError, ValueError) as exc:
-        print(f"vmagent dev: {exc}", file=sys.stderr)
-        return 1
+    errors = (ConfigFileError, ConfigError, NodeError, ProbeSpecError, OSError, ValueError)
+    return run_async("dev", run_dev(args), errors)
 
 
 async def run_dev(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import sys
 import time
 from typing import Any
 
+from vmagent.cli import run_async
 from vmagent.config import Config
 from vmagent.identity import rotation
 from vmagent.identity.csr import KeySpecError, config_spiffe_id
@@ -98,12 +99,7 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
         finally:
             await sds.stop()
 
-    try:
-        asyncio.run(serve())
-    except (CredentialError, KeySpecError, OSError) as exc:
-        print(f"vmagent identity serve: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_async("identity serve", serve(), (CredentialError, KeySpecError, OSError))
 
 
 def register(commands: Any) -> None:
