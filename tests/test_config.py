@@ -10,7 +10,7 @@ import pytest
 
 from vmagent.config import ConfigError, load_config, parse_duration, parse_env_file
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "istio-onboarding"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "istio-onboarding"
 NO_FILE = {"VMAGENT_CLUSTER_ENV": "/dev/null"}
 
 
@@ -86,7 +86,7 @@ def test_config_is_immutable() -> None:
     [
         ({"DNS_FORWARD_PARALLEL": "yes"}, "DNS_FORWARD_PARALLEL='yes' (from env): expected a bool"),
         ({"VMAGENT_DNS_TTL": "thirty"}, "VMAGENT_DNS_TTL='thirty' (from env): expected a whole"),
-        ({"VMAGENT_DNS_TTL": "-1"}, "must not be negative"),
+        ({"VMAGENT_DNS_TTL": "-1"}, "VMAGENT_DNS_TTL='-1' (from env): must be between 0 and"),
         ({"DNS_FORWARD_TIMEOUT": "5 parsecs"}, "expected a duration"),
     ],
 )

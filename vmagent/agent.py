@@ -1,16 +1,21 @@
-"""``vmagent run``: identity, the control-plane link, health and the DNS proxy in one process.
+"""``vmagent run``: identity, the control-plane link, health, the DNS proxy and Envoy in one
+process.
 
-Start order: DNS proxy (answering from the last persisted NameTable at once, so mesh names
-resolve while the control plane is unreachable), status endpoint, then identity, xDS and
-health under the supervisor. SIGTERM reports unhealthy before the stream closes (traffic
-drains before the WorkloadEntry goes), then stops everything; SIGHUP reloads the config
-files and restarts the parts with the new config (a bad file is reported and ignored)."""
+Start order (reference §6): DNS proxy (answering from the last persisted NameTable at once, so
+mesh names resolve while the control plane is unreachable), status endpoint, then, unless
+``VMAGENT_ENVOY=false``, SDS and the xDS proxy listening (:mod:`vmagent.agent_envoy`); then
+identity, xDS, health and Envoy (bootstrap written, then started) under the supervisor.
+SIGTERM reports unhealthy before anything closes (traffic drains before the WorkloadEntry
+goes), drains Envoy, then closes the upstream stream and stops everything; SIGHUP reloads the
+config files and restarts the parts with the new config (a bad file is reported and
+ignored)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,16 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from vmagent import __version__
+from vmagent.agent_envoy import DataPlane
 from vmagent.cli import run_async
 from vmagent.config import Config, ConfigError, load_config
-from vmagent.dns.service import DnsProxy
+from vmagent.config_values import split_host_port
+from vmagent.dns.service import DnsProxy, give_back_free_memory
 from vmagent.dns.table import NameInfo, NameTableError
+from vmagent.dns.tablebuild import write_table_json
 from vmagent.dns.tablefile import read_name_table
 from vmagent.health import HealthChecker, ProbeSpecError, parse_probe
 from vmagent.identity import CertificateManager, CredentialError, create_manager
-from vmagent.identity.store import atomic_write
 from vmagent.proxyconfig import parse_proxy_config_env
-from vmagent.status import StatusServer
+from vmagent.status import ReadinessLog, StatusServer
 from vmagent.supervisor import Part, Supervisor
 from vmagent.xds import (
     ChannelAuth,
@@ -42,7 +49,7 @@ from vmagent.xds import (
     NodeInfo,
     XdsClient,
     build_node,
-    name_table_document,
+    upstream_kind,
 )
 
 log = logging.getLogger("vmagent")
@@ -51,6 +58,7 @@ NAME_TABLE_FILE = "nametable.json"
 # Istio's agent opens xDS once it holds a certificate; vmagent waits this long for the first
 # one, then connects with the bearer credential alone.
 FIRST_CERT_WAIT_SECONDS = 10.0
+READINESS_POLL_SECONDS = 0.5  # how often readiness is re-evaluated for the log
 
 
 class Agent:
@@ -60,16 +68,29 @@ class Agent:
         self.dns = DnsProxy(config)
         self.supervisor = Supervisor()
         self.identity: CertificateManager | None = None
-        self.xds = XdsClient(config, node, self._auth, self._apply_table)
-        self.status = StatusServer(self.state)
+        self.xds = XdsClient(
+            config,
+            node,
+            self._auth,
+            self._apply_table,
+            kind=upstream_kind(config),
+            on_nds=self._apply_nds,
+        )
+        # Envoy's SDS, xDS proxy and supervisor; None: DNS and identity only.
+        self.dataplane = DataPlane(config, node, self.xds) if config.vmagent_envoy else None
+        self.status = StatusServer(self.state, ndsz=self.dns.table_document)
         probe = config.proxy_config.readiness_probe
+        pre_checks = [self.dataplane.pre_check] if self.dataplane else []
         self.health = (
-            HealthChecker(parse_probe(probe, where=probe_origin(config)), self.xds.report_health)
+            HealthChecker(
+                parse_probe(probe, where=probe_origin(config)),
+                self._report_health,
+                pre_checks=pre_checks,
+            )
             if probe
             else None
         )
         self.table_path = Path(config.vmagent_state_dir) / NAME_TABLE_FILE
-        self._table: Mapping[str, NameInfo] = {}
         self._started = time.time()
         self.final_health: Health | None = Health(False, "vmagent is stopping")
         self._have_cert = asyncio.Event()
@@ -80,6 +101,10 @@ class Agent:
         if self.identity is None:
             self.identity = await create_manager(self.config, self.config.dynamic)
             self.identity.subscribe(lambda _bundle: self._have_cert.set())
+            if self.dataplane is not None:  # SDS: the certificate on disk, then every rotation
+                if self.identity.current is not None:
+                    self.dataplane.certs.publish(self.identity.current)
+                self.identity.subscribe(self.dataplane.certs.publish)
         await self.identity.run()
 
     async def _auth(self) -> ChannelAuth:
@@ -99,37 +124,87 @@ class Agent:
         except CredentialError:
             if client_cert is None:
                 raise
-        return ChannelAuth(client_cert, token)
+        return ChannelAuth(client_cert, token, manager.client_cert_refused)
+
+    async def _apply_nds(self, data: bytes) -> None:
+        """A pushed NameTable, still serialized: checked, built and persisted by a child
+        process (the agent keeps no per-entry objects; issue 7 §5); NameTableError: NACK."""
+        await self.dns.update_from_nds(data, persist=str(self.table_path))
 
     async def _apply_table(self, table: Mapping[str, NameInfo]) -> None:
+        """A table decoded here (XdsClient without ``on_nds``)."""
         await self.dns.update_table(table)
-        self._table = table
-        data = json.dumps(name_table_document(table), indent=1, sort_keys=True).encode()
-        try:
-            await asyncio.to_thread(atomic_write, self.table_path, data, 0o644)
+        try:  # serialised off the event loop too: ~1 s for 100k entries
+            await asyncio.to_thread(write_table_json, str(self.table_path), table)
         except OSError as exc:
             log.warning("cannot persist the name table to %s: %s", self.table_path, exc)
+        give_back_free_memory()
 
-    def _load_persisted_table(self) -> dict[str, NameInfo] | None:
-        if not self.table_path.exists():
-            return None
+    async def _load_persisted_table(self) -> None:
+        """Answer from the table persisted by an earlier run, built by a child process."""
+        path = str(self.table_path)
+        if not await asyncio.to_thread(os.path.exists, path):
+            return
+        log.info("answering from the persisted name table until the control plane speaks")
         try:
-            return read_name_table(str(self.table_path))
+            await self.dns.update_from_file(path, lambda: asyncio.to_thread(read_name_table, path))
         except NameTableError as exc:
             log.warning("ignoring the persisted name table: %s", exc)
-            return None
+
+    def _report_health(self, event: Health) -> None:
+        """The probe's transitions (the checker calls only on a change): logged, then sent."""
+        if event.healthy:
+            log.info("health: healthy (readiness probe passes)")
+        else:
+            log.warning("health: unhealthy: %s", event.message)
+        self.xds.report_health(event)
+
+    async def _log_readiness(self) -> None:
+        """Log readiness transitions (ready <-> not ready, and changed reasons)."""
+        tracker = ReadinessLog()
+        while True:
+            message = tracker.observe(self.not_ready())
+            if message is not None:
+                log.info("%s", message)
+            await asyncio.sleep(READINESS_POLL_SECONDS)
+
+    def _log_startup(self) -> None:
+        """One line per onboarding file, the addresses and the credential source (the DNS
+        proxy logs its listen addresses and upstreams itself)."""
+        config = self.config
+        for found in config.files:
+            log.info("config: %s", found.describe())
+        sources = config.sources
+        log.info("CA: %s (from %s)", config.ca_address, sources.get("CA_ADDR", "default"))
+        log.info(
+            "control plane (xDS): %s (from %s)",
+            config.proxy_config.discovery_address,
+            sources.get("discoveryAddress", "default"),
+        )
+        log.info(
+            "credential source: CREDENTIAL_FETCHER_TYPE=%s (from %s), token file %s",
+            config.credential_fetcher_type,
+            sources.get("CREDENTIAL_FETCHER_TYPE", "default"),
+            config.vmagent_token_file,
+        )
 
     # --- lifecycle ---
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set. Raises OSError when a listen address is taken, and the
+        supervisor's ConfigError when a part finds a permanent misconfiguration."""
         os.makedirs(self.config.vmagent_state_dir, mode=0o755, exist_ok=True)
-        await self.dns.start()
-        persisted = self._load_persisted_table()
-        if persisted is not None:
-            log.info("answering from the persisted name table until the control plane speaks")
-            self._table = persisted
-            await self.dns.update_table(persisted)
-        await self._listen_status()
+        try:
+            await self.dns.start()
+            self._log_startup()
+            await self._listen_status()
+            if self.dataplane is not None:
+                await self.dataplane.start()
+        except BaseException:
+            await self.status.close()
+            await self.dns.close()
+            raise
+        await self._load_persisted_table()  # DNS is serving meanwhile
         parts: dict[str, Part] = {
             "identity": self._run_identity,
             "xds": self.xds.run,
@@ -137,30 +212,53 @@ class Agent:
         }
         if self.health is not None:
             parts["health"] = self.health.run
+        if self.dataplane is not None:
+            parts["envoy"] = self.dataplane.run
         supervised = asyncio.ensure_future(self.supervisor.run(parts))
+        readiness = asyncio.ensure_future(self._log_readiness())
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            await stop.wait()
+            await asyncio.wait([supervised, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if supervised.done():
+                supervised.result()  # a permanent error stopped the parts: raise it
             if self.final_health is not None:
                 log.info("stopping: reporting unhealthy, then closing the control-plane stream")
             await self.xds.close(self.final_health)
+            if self.dataplane is not None:  # before the upstream stream closes
+                await (
+                    self.dataplane.kill() if self.final_health is None else self.dataplane.drain()
+                )
         finally:
-            supervised.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervised
+            for task in (supervised, readiness, stopping):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if self.dataplane is not None:
+                await self.dataplane.close()
             await self.status.close()
             await self.dns.close()
 
     async def _listen_status(self) -> None:
-        host, _, port = self.config.vmagent_status_addr.rpartition(":")
+        """Both status endpoints. A TCP address that cannot be bound is fatal (like the DNS
+        port): a health checker must never get its answer from another process. So is a Unix
+        socket another live process serves; an unusable run directory is only a warning."""
+        address = self.config.vmagent_status_addr
+        host, port = split_host_port(address, None)
         try:
-            await self.status.listen_tcp(host.strip("[]") or "127.0.0.1", int(port))
-        except (OSError, ValueError) as exc:
-            log.warning("status endpoint %s unavailable: %s", self.config.vmagent_status_addr, exc)
+            await self.status.listen_tcp(host, port or 15020)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot listen on VMAGENT_STATUS_ADDR={address}: {exc.strerror or exc};"
+                " stop the process that holds it or set VMAGENT_STATUS_ADDR to a free address",
+            ) from None
         run_dir = self.config.vmagent_run_dir
         try:
             os.makedirs(run_dir, mode=0o755, exist_ok=True)
             await self.status.listen_unix(os.path.join(run_dir, "status.sock"))
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise
             log.warning("status socket in %s unavailable: %s", run_dir, exc)
 
     # --- state ---
@@ -174,6 +272,9 @@ class Agent:
             reasons.append("control plane not connected yet")
         if self.dns.not_ready_reason:
             reasons.append(self.dns.not_ready_reason)
+        envoy = self.dataplane.not_ready_reason() if self.dataplane else None
+        if envoy:
+            reasons.append(envoy)
         return reasons
 
     def state(self) -> dict[str, Any]:
@@ -195,8 +296,15 @@ class Agent:
                 "cache_entries": len(self.dns.core.cache),
             },
             "health": self.health.status().as_dict() if self.health else None,
+            "envoy": self.dataplane.status() if self.dataplane else None,
+            "xds_proxy": self.dataplane.proxy.snapshot() if self.dataplane else None,
             "parts": self.supervisor.snapshot(),
-            "name_table": name_table_document(self._table),
+            # Counts only: the table itself is /debug/ndsz (rendered off the event loop).
+            "name_table": {
+                "entries": self.dns.core.counters.table_entries,
+                "names": self.dns.core.lookup.size if self.dns.core.lookup else 0,
+                "version": self.xds.status.table_version,
+            },
         }
 
 
@@ -233,14 +341,15 @@ def register(commands: Any) -> None:
 
 
 def build_agent(config: Config) -> Agent:
-    """An agent for ``config`` (NodeError / ProbeSpecError when the config cannot work)."""
+    """An agent for ``config`` (NodeError / ProbeSpecError / ConfigError when the config
+    cannot work)."""
     return Agent(config, build_node(config, socket.gethostname(), host_addresses()))
 
 
 def run_command(args: argparse.Namespace, config: Config) -> int:
     try:
         agent = build_agent(config)
-    except (NodeError, ProbeSpecError) as exc:
+    except (NodeError, ProbeSpecError, ConfigError) as exc:
         print(f"vmagent run: {exc}", file=sys.stderr)
         return 2
     # OSError/ValueError: cannot bind, cannot create the state dir, ...
@@ -270,7 +379,11 @@ async def serve(agent: Agent, reload: Callable[[], Config]) -> int:
             for waiter in waits[1:]:
                 waiter.cancel()
             if running.done():
-                running.result()  # an exception here is a startup failure: let it surface
+                try:
+                    running.result()  # an exception here is a startup failure: let it surface
+                except ConfigError as exc:  # permanent: exit 2 and no retry (systemd too)
+                    print(f"vmagent run: configuration error: {exc}", file=sys.stderr)
+                    return 2
                 return 1
             if terminate.is_set():
                 stop.set()

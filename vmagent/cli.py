@@ -8,51 +8,120 @@ over the environment and ``cluster.env`` in the one :class:`~vmagent.config.Conf
 
 from __future__ import annotations
 
+# Only light imports here: `vmagent` imports this module before main() runs, and Ctrl-C
+# during a heavy import (asyncio pulls in ssl) would be a traceback; main() imports the rest.
 import argparse
-import asyncio
-import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmagent import __version__
-from vmagent.config import Config, ConfigError, describe, load_config
+
+if TYPE_CHECKING:
+    from vmagent.config import Config
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
-def _registrars() -> list[Registrar]:
-    from vmagent.agent import register as run
-    from vmagent.dns.command import register as dns
+# The modules that register each command. The command line's command is looked up here, so
+# `vmagent run` does not import devmesh and the other commands (~4 MB of RSS for the agent's
+# lifetime, issue 7 §5); help and unknown commands import them all.
+_COMMAND_MODULES = {
+    "run": "vmagent.agent",
+    "dns": "vmagent.dns.command",
+    "identity": "vmagent.identity.command",
+    "devmesh": "vmagent.devmesh.command",
+    "dev": "vmagent.devmesh.dev",
+}
+_VALUED_OPTIONS = ("--cluster-env", "--log-level")  # global options that take the next word
 
-    found: list[Registrar] = [run, dns]
-    # Components from later issues register themselves here when present.
-    for module in ("vmagent.identity.command", "vmagent.devmesh.command", "vmagent.devmesh.dev"):
+
+def _registrars(command: str | None = None) -> list[Registrar]:
+    """Every command's registrar, or only ``command``'s (a key of ``_COMMAND_MODULES``)."""
+    modules = [_COMMAND_MODULES[command]] if command else list(_COMMAND_MODULES.values())
+    found: list[Registrar] = []
+    for module in modules:
         try:
             imported = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            # Components from later issues register themselves when present.
+            if exc.name != module or module in ("vmagent.agent", "vmagent.dns.command"):
                 raise
             continue
         found.append(imported.register)
     return found
 
 
+def _command_in(argv: Sequence[str]) -> tuple[str, ...]:
+    """``(name,)`` of the command ``argv`` names, when it is one of ``_COMMAND_MODULES`` and
+    no help is asked for; else ``()`` (every command is registered)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-h", "--help", "--version"):
+            return ()
+        if word in _VALUED_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return (word,) if word in _COMMAND_MODULES else ()
+    return ()
+
+
 def run_async(
     command: str, main: Coroutine[Any, Any, int | None], errors: tuple[type[Exception], ...]
 ) -> int:
     """Run a command's event loop; an expected failure becomes ``vmagent COMMAND: message`` on
-    stderr and exit status 1 instead of a traceback. A None result means success (0)."""
+    stderr and exit status 1 instead of a traceback. A None result means success (0).
+
+    SIGINT (Ctrl-C) and SIGTERM cancel ``main``, whose cleanup runs, and the command exits 0
+    quietly (commands that handle those signals themselves, like ``run``, replace this)."""
+    import asyncio
+
     try:
-        result = asyncio.run(main)
+        result = asyncio.run(_stoppable(main))
     except errors as exc:
-        print(f"vmagent {command}: {exc}", file=sys.stderr)
+        print(f"vmagent {command}: {_message(exc)}", file=sys.stderr)
         return 1
     return 0 if result is None else result
 
 
+def _message(exc: Exception) -> str:
+    """``str(exc)``, without the ``[Errno 98]`` prefix of an OSError whose message already
+    says what failed (one that names a file keeps its usual form, which shows the file)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
+
+
+async def _stoppable(main: Coroutine[Any, Any, int | None]) -> int | None:
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    stopped: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopped.append(signum)
+        if task is not None:
+            task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        return None
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
 def _config_show(args: argparse.Namespace, config: Config) -> int:
+    from vmagent.config import describe
+
     rows = describe(config)
     width = max(len(key) for key, _, _ in rows)
     for key, value, source in rows:
@@ -60,20 +129,57 @@ def _config_show(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """The options every command takes, before or after its name (``vmagent --cluster-env F
+    config show`` = ``vmagent config show --cluster-env F``). On subcommands the defaults are
+    suppressed, so an option given before the subcommand is not reset by its parser."""
+
+    def default(value: str | None) -> str | None:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--cluster-env",
+        metavar="FILE",
+        default=default(None),
+        help="cluster.env written by `istioctl x workload entry configure` "
+        "(default: $VMAGENT_CLUSTER_ENV, else <VMAGENT_CONFIG_DIR>/cluster.env, else "
+        "/var/lib/istio/envoy/cluster.env, if present)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=default("info"),
+        choices=["debug", "info", "warning", "error"],
+        help="default info",
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # argparse keeps no public list of subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if all(child is not seen for seen in found):  # aliases share a parser
+                    found.append(child)
+    return found
+
+
+def _finish(parser: argparse.ArgumentParser, top: bool) -> None:
+    """Give every command the global options and remember which parser a namespace came
+    from, so a command group given alone (``vmagent dns``) prints its own help."""
+    if not top:
+        _add_global_options(parser, suppress=True)
+    parser.set_defaults(help_parser=parser)
+    for child in _subparsers(parser):
+        _finish(child, top=False)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (``command``) only that command's part of it."""
     parser = argparse.ArgumentParser(
         prog="vmagent", description="Bring this VM into an Istio service mesh."
     )
     parser.add_argument("--version", action="version", version=f"vmagent {__version__}")
-    parser.add_argument(
-        "--cluster-env",
-        metavar="FILE",
-        help="cluster.env written by `istioctl x workload entry configure` "
-        "(default: $VMAGENT_CLUSTER_ENV or /etc/vmagent/cluster.env if present)",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    _add_global_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     config_cmd = commands.add_parser("config", help="inspect the effective configuration")
@@ -81,17 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print every setting, its value and its source")
     show.set_defaults(run=_config_show)
 
-    for register in _registrars():
+    for register in _registrars(command):
         register(commands)
+    _finish(parser, top=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """The ``vmagent`` command; returns the exit status. Ctrl-C at any moment (even while the
+    modules load) exits 130 without a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    import logging
+
+    from vmagent.config import ConfigError, load_config
+
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(*_command_in(words))
+    args = parser.parse_args(words)
     run: Callable[[argparse.Namespace, Config], int] | None = getattr(args, "run", None)
     if run is None:
-        parser.print_help()
+        # A command group without its subcommand: its own help, as argparse's usage errors
+        # exit (2).
+        args.help_parser.print_help()
         return 2
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -112,5 +235,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return run(args, config)
-    except KeyboardInterrupt:
-        return 130
+    except BrokenPipeError:  # `vmagent config show | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

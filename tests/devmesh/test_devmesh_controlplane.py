@@ -15,7 +15,6 @@ from envoy.service.discovery.v3 import discovery_pb2
 from vmagent._proto import nds_pb2
 
 from .devmesh_xds_helpers import (
-    CDS,
     NAME_TABLE,
     connected,
     debug,
@@ -94,10 +93,12 @@ def test_name_table_per_namespace_versions_and_acks(tmp_path: Path) -> None:
                 # exportTo "." hides secret; without DNS_CAPTURE no auto-allocated address
                 assert set(other_table) == {"cart.shop.svc.cluster.local"}
 
-                # Other Envoy types get an empty response with version and nonce.
-                await a.send(discovery_pb2.DiscoveryRequest(type_url=CDS))
-                cds = await a.recv()
-                assert cds.type_url == CDS and not cds.resources and cds.nonce
+                # Types devmesh has no resources for get an empty response with version and
+                # nonce (LDS/CDS/EDS/RDS are served: tests/devmesh/test_devmesh_dataplane*.py).
+                pcds = "type.googleapis.com/istio.mesh.v1alpha1.ProxyConfig"
+                await a.send(discovery_pb2.DiscoveryRequest(type_url=pcds))
+                other = await a.recv()
+                assert other.type_url == pcds and not other.resources and other.nonce
 
                 status, ndsz = await debug(mesh, "/debug/ndsz?proxy=cart-0")
                 assert status == 200
@@ -305,3 +306,69 @@ def test_nack_and_malformed_push_are_recorded(tmp_path: Path) -> None:
             assert status == 404
 
     asyncio.run(scenario())
+
+
+VM_WITHOUT_GROUP = """
+namespace: vm
+services:
+  - host: vm-web.vm.svc.cluster.local
+    addresses: [0.0.0.0]
+    ports: [{name: http, port: 8080}]
+    workloadSelector: {app: vm-web}
+"""
+
+
+def test_group_deleted_and_recreated_while_connected(tmp_path: Path) -> None:
+    """istio/istio#45329: deleting the WorkloadGroup deletes its entries (ownerReference);
+    creating it again brings the connected proxies' entries back within a second or two,
+    with their last health report, without the agents reconnecting."""
+
+    async def scenario() -> None:
+        folder = mesh_dir(tmp_path)
+        name = "vm-web-10.2.0.7-net1"
+        async with devmesh(tmp_path, folder) as mesh:
+            vm = node("10.2.0.7", "vm-1", "vm", {"app": "vm-web"}, **VM_NODE)
+            quiet = node("10.2.0.8", "vm-2", "vm", {"app": "vm-web"}, **VM_NODE)
+            async with connected(mesh, vm) as agent, connected(mesh, quiet) as other:
+                await agent.subscribe_nds()
+                await other.subscribe_nds()
+                await agent.health(False, "HTTP GET /healthz: 503")
+                await eventually(lambda: _condition(mesh, name))
+
+                write(folder, "vm.yaml", VM_WITHOUT_GROUP)
+                await eventually(lambda: _gone(mesh, name))
+                assert await entries(mesh) == {}
+                await agent.health(True)  # reported while the group is gone: kept
+
+                write(folder, "vm.yaml", VM)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                back = await eventually(lambda: _condition(mesh, name), timeout=3)
+                assert loop.time() - started < 2.0
+                assert back["status"] == "True"
+                found = await entries(mesh)
+                assert found[name]["healthy"] is True
+                assert "istio.io/connectedAt" in found[name]["metadata"]["annotations"]
+                # A proxy that never reported is back too, not healthy (health-checked).
+                assert found["vm-web-10.2.0.8-net1"]["healthy"] is False
+                assert found["vm-web-10.2.0.8-net1"]["status"] == {}
+                # The streams hold the restored entries: the headless service resolves to
+                # the healthy VM again, and a later report updates the entry.
+                for _ in range(5):  # pushes from the deletion may come first
+                    _, table = await other.table_push()
+                    if table.get("vm-web.vm.svc.cluster.local", {}).get("ips") == ["10.2.0.7"]:
+                        break
+                else:
+                    raise AssertionError(f"the VM is not back in the NameTable: {table}")
+                await agent.health(False, "HTTP GET /healthz: 500")
+                await eventually(lambda: _condition(mesh, name, "False"))
+
+    asyncio.run(scenario())
+
+
+async def _condition(mesh: object, name: str, status: str | None = None) -> dict[str, str] | None:
+    entry = (await entries(mesh)).get(name)  # type: ignore[arg-type]
+    conditions = entry["status"].get("conditions") if entry else None
+    if not conditions or (status is not None and conditions[0]["status"] != status):
+        return None
+    return conditions[0]  # type: ignore[no-any-return]

@@ -322,6 +322,40 @@ def test_group_removed_deletes_its_entries(tmp_path: Path) -> None:
     assert [e.name for e in registry.prune(MeshConfig())] == ["web-10.0.0.5"]
 
 
+def test_group_recreated_registers_connected_proxies_again(tmp_path: Path) -> None:
+    """istio/istio#45329: a group deleted and created again while its VMs stay connected gets
+    their entries back at once (not at their next reconnect), with their last health."""
+    cfg = config(tmp_path, GROUPS)
+    registry = Registry()
+    sick = proxy("vm", "10.0.0.5", AUTO_REGISTER_GROUP="web")
+    quiet = proxy("vm", "10.0.0.6", AUTO_REGISTER_GROUP="web")
+    registry.connect("a", sick, cfg, 1.0)
+    registry.connect("a2", sick, cfg, 1.5)  # a second stream of the same proxy
+    registry.connect("b", quiet, cfg, 2.0)
+    registry.connect("c", proxy("vm", "10.0.0.7", AUTO_REGISTER_GROUP="web"), cfg, 2.0)
+    registry.disconnect("c", 3.0)  # gone: must not come back
+    registry.report_health("a", True, "", 4.0)
+    assert len(registry.prune(MeshConfig())) == 3
+    assert registry.reregister(MeshConfig(), 5.0) == []  # group still absent
+    # A report while the group is absent is kept with the stream.
+    assert not registry.report_health("a", False, "HTTP 503", 6.0)
+    back = registry.reregister(cfg, 7.0)
+    assert [e.name for e in back] == ["web-10.0.0.5", "web-10.0.0.6"]
+    assert [e.name for e in registry.entries()] == ["web-10.0.0.5", "web-10.0.0.6"]
+    restored = registry.get("vm", "web-10.0.0.5")
+    assert restored is not None and restored.labels["app"] == "web"
+    assert restored.annotations["istio.io/connectedAt"] == "1970-01-01T00:00:01Z"
+    assert restored.condition is not None and restored.condition.status is False
+    assert (restored.condition.message, restored.condition.last_probe_time) == ("HTTP 503", 6.0)
+    never_reported = registry.get("vm", "web-10.0.0.6")
+    assert never_reported is not None and never_reported.condition is None
+    assert registry.reregister(cfg, 8.0) == []  # idempotent
+    # The restored entry is held by its streams: disconnect and grace work as before.
+    registry.disconnect("a", 9.0)
+    assert registry.disconnect("a2", 9.5) is not None
+    assert registry.next_deadline() == 19.5
+
+
 # --- node and session ---
 
 

@@ -80,15 +80,24 @@ def test_question_is_echoed_byte_for_byte_for_0x20_clients() -> None:
 
 
 def test_search_domain_expansion_answers_cname_then_addresses() -> None:
-    reply = answer(make_core(), query("productpage.ns1.svc.cluster.local.ns1.svc.cluster.local"))
+    reply = answer(make_core(), query("productpage.ns1.ns1.svc.cluster.local"))
     assert [rr.rtype for rr in reply.rr] == [dnslib.QTYPE.CNAME] + [dnslib.QTYPE.A] * 3
-    assert str(reply.rr[0].rdata) == "productpage.ns1.svc.cluster.local."
-    assert {str(rr.rname) for rr in reply.rr[1:]} == {"productpage.ns1.svc.cluster.local."}
+    assert str(reply.rr[0].rdata) == "productpage.ns1."
+    assert {str(rr.rname) for rr in reply.rr[1:]} == {"productpage.ns1."}
+
+
+def test_names_already_in_the_first_search_domain_get_no_alias_and_are_forwarded() -> None:
+    """Reference 3.4 step 5: ``<fqdn>.<search0>`` is not a table name, so the upstream's
+    answer (NXDOMAIN, typically) reaches the client."""
+    result = make_core().handle(
+        query("productpage.ns1.svc.cluster.local.ns1.svc.cluster.local"), 0.0, False
+    )
+    assert isinstance(result, Forward) and result.cacheable
 
 
 def test_known_name_without_the_family_is_nodata_not_nxdomain() -> None:
     core = make_core()
-    for name in ("productpage", "productpage.ns1.svc.cluster.local.ns1.svc.cluster.local"):
+    for name in ("productpage", "productpage.ns1.ns1.svc.cluster.local"):
         reply = answer(core, query(name, "AAAA"))
         assert reply.header.rcode == dnslib.RCODE.NOERROR and reply.header.aa == 1
         assert reply.rr == []  # CNAME omitted too, like Istio

@@ -198,20 +198,36 @@ def test_header_bits_and_class_in(srv: DnsServer) -> None:
     assert addresses(msg) == ["9.9.9.9"]
 
 
-def test_round_robin_rotation(srv: DnsServer) -> None:
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_round_robin_rotation(srv: DnsServer, transport: str) -> None:
+    # Both transports rotate (issue 7: TCP answers used to come in one fixed order).
+    ask = udp if transport == "udp" else tcp
     orders = set()
     for _ in range(12):
-        msg = udp(srv, "multi.external.com.", "A")
+        msg = ask(srv, "multi.external.com.", "A")
         ips = addresses(msg)
         assert sorted(ips) == sorted(MULTI_V4), "every query gets every address"
         orders.add(tuple(ips))
     assert len({order[0] for order in orders}) >= 2, f"addresses never rotate: {orders}"
 
 
-def test_round_robin_keeps_cname_first(srv: DnsServer) -> None:
+@pytest.mark.parametrize("transport", ["+notcp", "+tcp"])
+def test_round_robin_seen_by_dig(srv: DnsServer, dig_tool: None, transport: str) -> None:
+    # dig sends a fresh random cookie each time, so no two queries are byte-identical.
+    firsts = set()
+    for _ in range(8):
+        out = dig(srv, "multi.external.com.", "A", "+short", transport).split()
+        assert sorted(out) == sorted(MULTI_V4), out
+        firsts.add(out[0])
+    assert len(firsts) >= 2, f"dig {transport} always sees {firsts}"
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_round_robin_keeps_cname_first(srv: DnsServer, transport: str) -> None:
+    ask = udp if transport == "udp" else tcp
     firsts = set()
     for _ in range(9):
-        records = answer_records(udp(srv, "reviews.ns2.ns1.svc.cluster.local.", "A"))
+        records = answer_records(ask(srv, "reviews.ns2.ns1.svc.cluster.local.", "A"))
         assert records[0][1] == "CNAME"
         firsts.add(records[1][3])
     assert len(firsts) >= 2

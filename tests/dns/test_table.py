@@ -38,8 +38,9 @@ def test_kubernetes_service_in_own_namespace_gets_istio_alt_hosts() -> None:
         "productpage.",
         "productpage.ns1.svc.",
     }
-    # Only the first search domain is expanded, as CNAMEs to the name itself.
-    assert got["productpage.ns1.svc.cluster.local.ns1.svc.cluster.local."] == fqdn
+    # Only the first search domain is expanded, as CNAMEs to the name itself, and never for a
+    # name that already ends in it (reference 3.4 step 5).
+    assert "productpage.ns1.svc.cluster.local.ns1.svc.cluster.local." not in got
     assert got["productpage.ns1.ns1.svc.cluster.local."] == "productpage.ns1."
     assert got["productpage.ns1.svc.ns1.svc.cluster.local."] == "productpage.ns1.svc."
     assert "productpage.ns1.svc.cluster.local.svc.cluster.local." not in got
@@ -150,3 +151,56 @@ def test_parse_protobuf_json_mapping() -> None:
 def test_bad_tables_are_rejected_with_the_host_named(document: object, message: str) -> None:
     with pytest.raises(NameTableError, match=message.replace("(", r"\(").replace("[", r"\[")):
         parse_name_table(document)
+
+
+@pytest.mark.parametrize("search0", ["ns1.svc.cluster.local", "NS1.svc.cluster.local."])
+def test_no_search_alias_for_names_already_in_the_first_search_domain(search0: str) -> None:
+    """Reference 3.4 step 5 (Istio buildDNSAnswers: ``!strings.HasSuffix(h, search[0]+".")``):
+    every name ending in search[0] is left without an alias, whatever its registry."""
+    table = {
+        "productpage.ns1.svc.cluster.local": k8s(["9.9.9.9"], "productpage", "ns1"),
+        "reviews.ns2.svc.cluster.local": k8s(["9.9.9.8"], "reviews", "ns2"),
+        "ext.ns1.svc.cluster.local": NameInfo(("9.9.9.7",), "External"),
+        "*.ns1.svc.cluster.local": NameInfo(("9.9.9.6",), "External"),
+    }
+    got = names(table, TableScope("ns1", search=(search0, "svc.cluster.local")))
+    assert not [n for n in got if n.endswith(".ns1.svc.cluster.local.ns1.svc.cluster.local.")]
+    assert got["reviews.ns2.svc.cluster.local.ns1.svc.cluster.local."] == (
+        "reviews.ns2.svc.cluster.local."
+    )
+    assert got["reviews.ns2.ns1.svc.cluster.local."] == "reviews.ns2."
+    assert got["productpage.ns1.svc.ns1.svc.cluster.local."] == "productpage.ns1.svc."
+
+
+def test_wildcard_behind_the_search_domain_answers_the_matched_name() -> None:
+    """istio/istio#61732 (open in Istio): ``foo.w.<search0>`` matches the alias of ``*.w``;
+    its CNAME target is ``foo.w.``, never the literal ``*.w.``."""
+    table = {
+        "*.wild.example.com": NameInfo(("1.2.3.4",), "External"),
+        "*.b.wild.example.com": NameInfo(("5.6.7.8",), "External"),
+    }
+    lookup = build_lookup(table, TableScope("ns1", search=SEARCH))
+    for question, target, ip in [
+        (
+            "foo.wild.example.com.ns1.svc.cluster.local.",
+            "foo.wild.example.com.",
+            b"\x01\x02\x03\x04",
+        ),
+        (
+            "x.y.wild.example.com.ns1.svc.cluster.local.",
+            "x.y.wild.example.com.",
+            b"\x01\x02\x03\x04",
+        ),
+        (
+            "a.b.wild.example.com.ns1.svc.cluster.local.",
+            "a.b.wild.example.com.",
+            b"\x05\x06\x07\x08",
+        ),
+    ]:
+        record = lookup.find(encode_name(question))
+        assert record is not None and record.cname is not None, question
+        assert decode_name(record.cname) == target
+        assert record.v4 == (ip,)
+    # A direct wildcard match has no CNAME (its addresses are owned by the question).
+    record = lookup.find(encode_name("foo.wild.example.com."))
+    assert record is not None and record.cname is None

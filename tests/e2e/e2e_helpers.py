@@ -8,6 +8,7 @@ ended by :meth:`Processes.close` (the fixtures call it in teardown, also after a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import pwd
@@ -21,7 +22,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,7 +39,7 @@ from vmagent.config import CLUSTER_ENV_VAR, DYNAMIC_PREFIXES, env_key, settings
 from vmagent.devmesh.authority import Authority
 
 LOOPBACK = "127.0.0.1"
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "istio-onboarding"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "istio-onboarding"
 NAMESPACE = "vm"
 GROUP = "vm-web"
 SERVICE_ACCOUNT = "vm-web"
@@ -408,6 +410,7 @@ class Agent:
     probe: Mapping[str, Any] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     onboarding: Path | None = None  # a directory with istioctl's cluster.env and mesh.yaml
+    proxy_config: dict[str, Any] = field(default_factory=dict)  # more PROXY_CONFIG fields
     dns: str = ""
     status_url: str = ""
     proc: Proc | None = None
@@ -442,6 +445,7 @@ class Agent:
         proxy_config: dict[str, Any] = {"discoveryAddress": self.mesh.address}
         if self.probe is not None:
             proxy_config["readinessProbe"] = dict(self.probe)
+        proxy_config.update(self.proxy_config)
         env = clean_env(
             VMAGENT_CONFIG_DIR=str(self.etc),
             VMAGENT_STATE_DIR=str(self.state_dir),
@@ -456,6 +460,9 @@ class Agent:
             CA_ADDR=self.mesh.address,
             ISTIOD_SAN="istiod.istio-system.svc",
             PROXY_CONFIG=json.dumps(proxy_config),
+            # Envoy only where a test asks for it (test_e2e_envoy.py, in a network namespace
+            # of its own: devmesh's listeners use the fixed ports 15001/15006).
+            VMAGENT_ENVOY="false",
         )
         if self.onboarding is not None:
             env[CLUSTER_ENV_VAR] = str(self.onboarding / "cluster.env")
@@ -650,3 +657,44 @@ class World:
 
     def close(self) -> None:
         self.procs.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A network namespace of the test's own (Envoy's listeners use fixed ports)
+
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+
+
+def netns_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "a network namespace of the test's own needs root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    return None
+
+
+@contextlib.contextmanager
+def own_network_namespace() -> Iterator[str]:
+    """Move the calling thread into a fresh network namespace (loopback up) until exit: every
+    socket it opens and every process it starts from then on lives there, so fixed ports (the
+    15001/15006 listeners devmesh sends Envoy) cannot collide with anything else on the
+    machine. Removed afterwards. Needs root (see :func:`netns_skip_reason`)."""
+    name = f"vme2e-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(target, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {name}")
+        finally:
+            os.close(target)
+        try:
+            yield name
+        finally:
+            libc.setns(original, CLONE_NEWNET)
+    finally:
+        os.close(original)
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)

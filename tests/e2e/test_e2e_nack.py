@@ -65,7 +65,7 @@ def test_malformed_name_table_is_nacked_and_old_table_kept(world: World) -> None
         assert dig(agent.dns, "web.vm.svc.cluster.local") == ("NOERROR", ["10.96.1.10"])
         assert dig(agent.dns, "malformed.devmesh.invalid")[1] == []
         # And the agent still serves and persists the good table.
-        assert CART in agent.status()["name_table"]["table"]
+        assert CART in http_json(agent.status_url + "/debug/ndsz")[1]["table"]
 
     (connection,) = mesh.get("/debug/connections")["connections"]
     recorded = connection["watches"]["type.googleapis.com/istio.networking.nds.v1.NameTable"]

@@ -18,7 +18,7 @@ from vmagent.health import (
     parse_probe,
 )
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "istio-onboarding"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "istio-onboarding"
 
 
 def _fixture(*parts: str) -> Any:

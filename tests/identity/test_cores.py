@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,10 @@ def test_key_options(tmp_path: Path) -> None:
     assert isinstance(rsa_key, rsa.RSAPrivateKey) and rsa_key.key_size == 2048
     assert private_key_pem(rsa_key).startswith(b"-----BEGIN RSA PRIVATE KEY-----")
     with pytest.raises(KeySpecError, match="WORKLOAD_RSA_KEY_SIZE=1024"):
-        key_spec(make_config(tmp_path, ECC_SIGNATURE_ALGORITHM="RSA", WORKLOAD_RSA_KEY_SIZE="1024"))
+        rsa_config = make_config(tmp_path, ECC_SIGNATURE_ALGORITHM="RSA")
+        key_spec(replace(rsa_config, workload_rsa_key_size=1024))
     with pytest.raises(KeySpecError, match="ECC_SIGNATURE_ALGORITHM"):
-        key_spec(make_config(tmp_path, ECC_SIGNATURE_ALGORITHM="DSA"))
+        key_spec(replace(make_config(tmp_path), ecc_signature_algorithm="DSA"))
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +101,19 @@ def test_rotation_at_half_life_with_one_percent_jitter() -> None:
 
 def test_failed_renewals_back_off_but_never_sleep_past_expiry() -> None:
     schedule = rotation.Schedule()
-    state = rotation.on_issued(rotation.RotationState(), 0.0, 100.0, schedule, 0.0)
-    now, delays = 50.0, []
-    for _ in range(12):
+    state = rotation.on_issued(rotation.RotationState(), 0.0, 1000.0, schedule, 0.0)
+    now, delays = 500.0, []
+    for _ in range(20):
         state = rotation.on_failure(state, "CA down", now, schedule, 0.0)
         assert state.retry_at is not None
         delays.append(state.retry_at - now)
         now = state.retry_at
-    assert delays[:3] == [1.0, 2.0, 4.0]
-    assert now < 100.0  # retries keep coming before the cert expires
-    assert state.last_error == "CA down" and state.expires == 100.0
-    late = rotation.on_failure(state, "still down", 500.0, schedule, 0.0)
-    assert late.retry_at == 500.0 + rotation.RETRY_CAP  # after expiry: capped backoff, for ever
-    assert isinstance(rotation.next_action(late, 561.0), rotation.Renew)
+    assert delays[:4] == [5.0, 10.0, 20.0, 40.0]  # exponential, from the CSR floor
+    assert min(delays) >= rotation.MIN_CSR_INTERVAL  # never faster, even close to expiry
+    assert state.last_error == "CA down" and state.expires == 1000.0
+    late = rotation.on_failure(state, "still down", 5000.0, schedule, 0.0)
+    assert late.retry_at == 5000.0 + rotation.RETRY_CAP  # after expiry: capped backoff, for ever
+    assert isinstance(rotation.next_action(late, 5061.0), rotation.Renew)
     assert rotation.next_action(rotation.RotationState(), 0.0) == rotation.Renew(
         "no certificate yet"
     )

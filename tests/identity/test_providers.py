@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,15 +43,38 @@ def test_token_file_reread_trimmed_and_bad_files(tmp_path: Path, keys: CloudKeys
     path.write_text("  \n")
     with pytest.raises(CredentialError, match="is empty"):
         fetch(provider)
-    path.write_text("garbage-not-a-jwt")
-    with pytest.raises(CredentialError, match="not a JWT"):
-        fetch(provider)
     path.write_text(keys.gce_jwt("istio-ca", lifetime=-10))
     with pytest.raises(CredentialError, match="expired"):
         fetch(provider)
     fresh = keys.gce_jwt("istio-ca")
     path.write_text(f"\n{fresh}  \n")
     assert fetch(provider).token == fresh  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "opaque",
+    [
+        "garbage-not-a-jwt",
+        "eyJub3QiOiJqc29uIn0.eyJub3QgYSBKV1Q.c2ln",  # three parts, header not a JOSE header
+        "aGVsbG8.d29ybGQ.c2ln",  # three base64url parts that are not JSON
+        "sha256~0123456789abcdefABCDEF_-",  # an OpenShift-style opaque token
+    ],
+)
+def test_opaque_token_file_is_sent_as_is_and_warned_about_once(
+    tmp_path: Path, opaque: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Istio's agent sends istio-token as it is; vmagent refused non-JWTs ("JWT header is not
+    JSON"). Now: sent unchanged, expiry unknown, one warning however often it is read."""
+    path = tmp_path / "istio-token"
+    path.write_text(opaque + "\n")
+    provider = TokenFileProvider(str(path))
+    with caplog.at_level("WARNING", logger="vmagent.identity.providers"):
+        for _ in range(3):
+            credential = fetch(provider)
+            assert credential.token == opaque  # type: ignore[attr-defined]
+            assert credential.expires_at is None  # type: ignore[attr-defined]
+    warnings = [r.getMessage() for r in caplog.records if "expiry unknown" in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0]
 
 
 def test_gce_identity_token(tmp_path: Path, keys: CloudKeys) -> None:
@@ -156,7 +180,7 @@ def test_aws_endpoint_settings(tmp_path: Path) -> None:
     ipv6 = make_config(tmp_path, AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE="IPv6")
     assert aws_endpoint(ipv6) == "http://[fd00:ec2::254]"
     with pytest.raises(CredentialError, match="expected IPv4 or IPv6"):
-        aws_endpoint(make_config(tmp_path, AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE="v7"))
+        aws_endpoint(replace(make_config(tmp_path), aws_ec2_metadata_service_endpoint_mode="v7"))
 
 
 def test_azure_attested_document_with_nonce(tmp_path: Path, keys: CloudKeys) -> None:
@@ -252,4 +276,4 @@ def test_explicit_and_unknown_fetcher_type(tmp_path: Path) -> None:
     explicit = asyncio.run(detect(make_config(tmp_path, CREDENTIAL_FETCHER_TYPE="AWS")))
     assert explicit.source == "AWS"
     with pytest.raises(CredentialError, match="CREDENTIAL_FETCHER_TYPE='Mock'"):
-        asyncio.run(detect(make_config(tmp_path, CREDENTIAL_FETCHER_TYPE="Mock")))
+        asyncio.run(detect(replace(make_config(tmp_path), credential_fetcher_type="Mock")))

@@ -133,3 +133,21 @@ def test_full_disk_keeps_the_old_files_whole(tmp_path: Path, ca: Authority) -> N
             store.save(issue(ca))
         loaded = store.load(time.time())
         assert loaded is not None and loaded.serial == old.serial
+
+
+def test_discard_sets_files_aside_but_never_the_configured_root(tmp_path: Path) -> None:
+    """Istio's VM layout keeps the onboarding root in the certificate directory
+    (/etc/certs/root-cert.pem): discarding a certificate must not move it."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("key.pem", "cert-chain.pem", "root-cert.pem"):
+        (certs / name).write_text(name)
+    CertStore(certs).discard(keep=certs / "root-cert.pem")
+    assert sorted(p.name for p in certs.iterdir()) == [
+        "cert-chain.pem.discarded",
+        "key.pem.discarded",
+        "root-cert.pem",
+    ]
+    assert (certs / "cert-chain.pem.discarded").read_text() == "cert-chain.pem"
+    CertStore(certs).discard(keep=tmp_path / "elsewhere.pem")
+    assert (certs / "root-cert.pem.discarded").exists()

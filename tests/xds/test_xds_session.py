@@ -23,7 +23,7 @@ from vmagent.xds.session import (
     node_message,
 )
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "istio-onboarding"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "istio-onboarding"
 
 
 def onboarded_config(**environ: str):  # type: ignore[no-untyped-def]

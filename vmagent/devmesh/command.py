@@ -14,6 +14,7 @@ from vmagent.cli import run_async
 from vmagent.config import Config, parse_duration
 from vmagent.devmesh.authority import Authority
 from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
+from vmagent.devmesh.dataplane_model import DataplaneOptions
 from vmagent.devmesh.serve import running_devmesh
 from vmagent.devmesh.server import DevCa
 from vmagent.devmesh.services import ConfigFileError
@@ -61,6 +62,7 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
             poll_interval=parse_duration(args.poll),
             auto_allocate=not args.no_auto_allocate,
             debug_listen=args.debug_listen,
+            dataplane=DataplaneOptions(capture=not args.no_capture),
         )
         async with running_devmesh(ca_settings, settings) as mesh:
             config_view = mesh.control_plane.state.config
@@ -120,6 +122,12 @@ def register(commands: Any) -> None:
         "--no-auto-allocate",
         action="store_true",
         help="no 240.240.x.y addresses for External services without addresses",
+    )
+    serve.add_argument(
+        "--no-capture",
+        action="store_true",
+        help="proxies without iptables capture: outbound HTTP listeners bind "
+        "127.0.0.1:<service port>, mesh endpoints are reached on 15006 (docs/devmesh.md)",
     )
     serve.set_defaults(run=_run_serve)
     ca = sub.add_parser("ca", help="run the development CA (IstioCertificateService)")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -23,8 +23,10 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from vmagent._compat import TaskGroup
 from vmagent.devmesh.ads import AdsServicer
+from vmagent.devmesh.dataplane_model import DataplaneOptions
 from vmagent.devmesh.debug import DebugServer
 from vmagent.devmesh.registry import DEFAULT_GRACE
+from vmagent.devmesh.server import bind_error
 from vmagent.devmesh.services import ConfigFileError, fingerprint, load_directory
 from vmagent.devmesh.state import MeshState
 
@@ -40,6 +42,7 @@ class ControlPlaneSettings:
     poll_interval: float = 0.5
     auto_allocate: bool = True  # PILOT_ENABLE_IP_AUTOALLOCATE
     debug_listen: str = DEFAULT_DEBUG_LISTEN  # "" = no debug server
+    dataplane: DataplaneOptions = field(default_factory=DataplaneOptions)  # capture listeners
 
 
 def split_hostport(listen: str) -> tuple[str, int]:
@@ -60,6 +63,7 @@ class ControlPlane:
         self._fingerprint = fingerprint(Path(settings.config_dir))
         self._poke = asyncio.Event()
         self.ads = AdsServicer(self.state, clock, on_registry_change=self._poke.set)
+        self.ads.dataplane = settings.dataplane
         self.debug = DebugServer(self.state, self.ads)
         self._server: grpc.aio.Server | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -81,8 +85,12 @@ class ControlPlane:
             self.state.config_error = str(exc)
             log.error("mesh config not reloaded, keeping the previous one: %s", exc)
             return False
-        for entry in self.state.set_config(config):
+        deleted, registered = self.state.set_config(config, self.clock())
+        for entry in deleted:
             log.info("WorkloadEntry %s/%s deleted: its group is gone", entry.namespace, entry.name)
+        for entry in registered:
+            log.info("WorkloadEntry %s/%s registered again: its group is back, its proxy "
+                     "connected", entry.namespace, entry.name)  # fmt: skip
         log.info(
             "mesh config reloaded: %d services, %d workload groups",
             len(config.services),
@@ -105,10 +113,19 @@ class ControlPlane:
                 self.port = self._server.add_insecure_port(listen)
             await self._server.start()
         if self.settings.debug_listen:
-            await self.debug.start(*split_hostport(self.settings.debug_listen))
+            try:
+                await self.debug.start(*split_hostport(self.settings.debug_listen))
+            except OSError as exc:
+                await self.stop()
+                raise OSError(
+                    bind_error(
+                        self.settings.debug_listen, "devmesh debug", "--debug-listen HOST:PORT", exc
+                    )
+                ) from None
         self._runner = asyncio.create_task(self.run())
 
     async def stop(self) -> None:
+        await self.ads.close()
         if self._server is not None:
             await self._server.stop(0.5)
         await self.debug.stop()

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from vmagent.devmesh.ads import MALFORMED_KINDS, AdsServicer
+from vmagent.devmesh.connections import Connections
 from vmagent.devmesh.state import MeshState
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,18 @@ class DebugServer:
         self.state = state
         self.ads = ads
         self._server: asyncio.AbstractServer | None = None
+        self._connections = Connections()
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port)
+        self._server = await asyncio.start_server(self._connections.track(self._handle), host, port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            await self._connections.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 

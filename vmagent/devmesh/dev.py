@@ -1,26 +1,37 @@
 """``vmagent dev``: a whole mesh on one machine, like ``consul agent -dev``.
 
 devmesh (dev CA + xDS control plane + debug HTTP) from a config directory, a tiny demo app
-answering the WorkloadGroup's readiness probe, and the agent itself (identity from a dev
-bootstrap token, the xDS stream, auto-registration, health, the DNS proxy), all in one
-process and one event loop. State lives in ``--dir`` (default ``.vmagent-dev``)."""
+answering the WorkloadGroup's readiness probe (and ``/whoami``, the caller's SPIFFE ID), and
+the agent itself (identity from a dev bootstrap token, the xDS stream, auto-registration,
+health, the DNS proxy, and Envoy with SDS and the xDS proxy), all in one process and one
+event loop (Envoy is the agent's child process). State lives in ``--dir`` (default
+``.vmagent-dev``).
+
+There is no traffic capture (no iptables), so devmesh serves the data plane in its
+``capture=False`` mode (docs/devmesh.md, "Without traffic capture"): outbound HTTP listeners
+bind ``--outbound-bind`` (127.0.0.2, so the service port 8080 does not collide with the demo
+app on 127.0.0.1:8080) and mesh endpoints are reached on the inbound listener's port."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import ipaddress
 import json
 import logging
 import os
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from vmagent.agent import build_agent, host_addresses, serve
 from vmagent.cli import run_async
 from vmagent.config import Config, ConfigError, load_config
-from vmagent.devmesh.controlplane import ControlPlaneSettings
+from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
+from vmagent.devmesh.dataplane_model import DataplaneOptions
+from vmagent.devmesh.demoapp import DemoApp, start_demo_app
+from vmagent.devmesh.dev_envoy import check_envoy_ports, mesh_request_lines
 from vmagent.devmesh.serve import DevMesh, running_devmesh
 from vmagent.devmesh.services import ConfigFileError, WorkloadGroup
 from vmagent.devmesh.settings import DevCaSettings
@@ -30,7 +41,40 @@ from vmagent.xds import NodeError, usable_ips
 
 log = logging.getLogger("vmagent.dev")
 
-SAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "devmesh"
+CHECKOUT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "devmesh"
+PACKAGED_CONFIG = "examples"  # inside this package: the same files, shipped in the wheel
+PORTS_HELP = """\
+ports (every one can move; defaults in brackets):
+  --listen HOST:PORT         devmesh CA + xDS, TLS gRPC        [127.0.0.1:15012]
+  --debug-listen HOST:PORT   devmesh debug HTTP (/debug/...)   [127.0.0.1:15014]
+  --dns-listen HOST:PORT     the agent's DNS proxy, UDP + TCP  [$DNS_PROXY_ADDR, else
+                                                                localhost:15053]
+  --status-listen HOST:PORT  the agent's status endpoint       [$VMAGENT_STATUS_ADDR, else
+                                                                127.0.0.1:15020]
+  --app-port PORT            the demo app on 127.0.0.1; the agent's readiness probe follows it
+                             [the WorkloadGroup probe's port: 8080 in the example]
+Envoy's ports (VMAGENT_ENVOY=false: no Envoy):
+  --envoy-admin-port PORT    admin on 127.0.0.1 (ProxyConfig proxyAdminPort)          [15000]
+  --inbound-port PORT        inbound mTLS listener on --ip                            [15006]
+  --outbound-port PORT       virtualOutbound listener on --ip                         [15001]
+  --readiness-port PORT      /healthz/ready on 0.0.0.0 ($VMAGENT_ENVOY_READINESS_PORT) [15021]
+  --prometheus-port PORT     /stats/prometheus on 0.0.0.0
+                             ($VMAGENT_ENVOY_PROMETHEUS_PORT)                         [15090]
+  --outbound-bind ADDRESS    the outbound HTTP listeners, one per service port, e.g.
+                             ADDRESS:8080 for vm-web (no capture: call them directly)
+                                                                                  [127.0.0.2]
+  --ip ADDRESS               the VM's address (its WorkloadEntry; mesh requests reach
+                             Envoy's inbound listener there) [the host's first non-loopback
+                             address, else 127.0.0.1]
+Example, beside a real Istio agent:
+  vmagent dev --listen 127.0.0.1:25012 --debug-listen 127.0.0.1:25014 \\
+      --dns-listen 127.0.0.1:25053 --status-listen 127.0.0.1:25020 --app-port 28080 \\
+      --envoy-admin-port 25000 --inbound-port 25006 --outbound-port 25001 \\
+      --readiness-port 25021 --prometheus-port 25090 --outbound-bind 127.0.0.3
+
+mesh config: without --config, examples/devmesh of a source checkout (edit it while it runs),
+else a copy of the example shipped in the package, made once in DIR/mesh (edit that copy).
+"""
 
 
 def register(commands: Any) -> None:
@@ -38,18 +82,68 @@ def register(commands: Any) -> None:
         "dev",
         help="run a development mesh, a demo app and the agent on this machine",
         description="Start devmesh (CA + xDS control plane) from a config directory, a demo "
-        "app for the WorkloadGroup's probe, and vmagent registered into that group, with its "
-        "DNS proxy. Edit the config directory while it runs: the DNS proxy follows.",
+        "app for the\nWorkloadGroup's probe, and vmagent registered into that group, with its "
+        "DNS proxy.\nEdit the config directory while it runs: the DNS proxy follows.",
+        epilog=PORTS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dev.add_argument(
-        "--config", metavar="DIR", help=f"devmesh config directory (default {SAMPLE_CONFIG})"
+        "--config",
+        metavar="DIR",
+        help="devmesh config directory (default: see 'mesh config' below)",
     )
     dev.add_argument("--dir", default=".vmagent-dev", help="state directory (.vmagent-dev)")
     dev.add_argument("--group", default="vm/vm-web", metavar="NS/NAME", help="WorkloadGroup")
-    dev.add_argument("--listen", default="127.0.0.1:15012", help="devmesh CA + xDS address")
-    dev.add_argument("--debug-listen", default="127.0.0.1:15014", help="devmesh debug HTTP")
+    dev.add_argument(
+        "--listen", default="127.0.0.1:15012", metavar="HOST:PORT", help="devmesh CA + xDS"
+    )
+    dev.add_argument(
+        "--debug-listen",
+        default=DEFAULT_DEBUG_LISTEN,
+        metavar="HOST:PORT",
+        help="devmesh debug HTTP ('' for none)",
+    )
+    dev.add_argument("--dns-listen", metavar="HOST:PORT", help="the agent's DNS proxy")
+    dev.add_argument("--status-listen", metavar="HOST:PORT", help="the agent's status endpoint")
+    dev.add_argument(
+        "--app-port", type=_port, metavar="PORT", help="the demo app's port on 127.0.0.1"
+    )
     dev.add_argument("--no-app", action="store_true", help="do not start the demo app")
+    envoy = dev.add_argument_group("Envoy (see 'Envoy's ports' below)")
+    for flag, what in (
+        ("--envoy-admin-port", "Envoy's admin port on 127.0.0.1"),
+        ("--inbound-port", "Envoy's inbound (mTLS) listener port"),
+        ("--outbound-port", "Envoy's virtualOutbound listener port"),
+        ("--readiness-port", "Envoy's /healthz/ready listener port"),
+        ("--prometheus-port", "Envoy's /stats/prometheus listener port"),
+    ):
+        envoy.add_argument(flag, type=_port, metavar="PORT", help=what)
+    envoy.add_argument(
+        "--outbound-bind",
+        type=_address,
+        default="127.0.0.2",
+        metavar="ADDRESS",
+        help="where the outbound HTTP listeners bind (127.0.0.2)",
+    )
+    envoy.add_argument("--ip", type=_address, metavar="ADDRESS", help="the VM's address")
     dev.set_defaults(run=_run_dev)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return port
+
+
+def _address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an IP address, got {text!r}") from None
 
 
 def _run_dev(args: argparse.Namespace, config: Config) -> int:
@@ -57,38 +151,113 @@ def _run_dev(args: argparse.Namespace, config: Config) -> int:
     return run_async("dev", run_dev(args), errors)
 
 
+def find_config(given: str | None, workdir: Path) -> Path:
+    """The devmesh config directory: ``given``; else ``examples/devmesh`` of the source
+    checkout this module runs from; else the example shipped in the package, copied once into
+    ``workdir/mesh`` so the user edits a copy of their own. Raises ValueError for a ``given``
+    directory that does not exist."""
+    if given:
+        path = Path(given)
+        if not path.is_dir():
+            raise ValueError(f"devmesh config directory {path} not found (--config)")
+        return path
+    if CHECKOUT_CONFIG.is_dir() and (CHECKOUT_CONFIG.parents[1] / "pyproject.toml").is_file():
+        return CHECKOUT_CONFIG
+    copy = workdir / "mesh"
+    if not copy.is_dir():
+        shipped = resources.files(__package__).joinpath(PACKAGED_CONFIG)
+        staging = workdir / ".mesh.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for item in shipped.iterdir():
+            if item.name.endswith(".yaml"):
+                (staging / item.name).write_bytes(item.read_bytes())
+        staging.replace(copy)  # whole or not at all: a half copy would be a smaller mesh
+    return copy
+
+
 async def run_dev(args: argparse.Namespace) -> int:
     workdir = Path(args.dir).resolve()
-    config_dir = Path(args.config or SAMPLE_CONFIG)
-    if not config_dir.is_dir():
-        raise ValueError(f"devmesh config directory {config_dir} not found (pass --config DIR)")
+    config_dir = find_config(args.config, workdir)
     namespace, _, group_name = args.group.partition("/")
+    ip = args.ip or (usable_ips(host_addresses()) or ["127.0.0.1"])[0]
     ca_settings = DevCaSettings(
         trust_domain="cluster.local", directory=str(workdir / "devmesh"), listen=args.listen
     )
-    settings = ControlPlaneSettings(config_dir=str(config_dir), debug_listen=args.debug_listen)
+    dataplane = DataplaneOptions(
+        capture=False,  # no iptables yet: listeners are called directly
+        listen_address=ip,
+        outbound_port=args.outbound_port or DataplaneOptions.outbound_port,
+        inbound_port=args.inbound_port or DataplaneOptions.inbound_port,
+        outbound_bind=args.outbound_bind,
+    )
+    settings = ControlPlaneSettings(
+        config_dir=str(config_dir), debug_listen=args.debug_listen, dataplane=dataplane
+    )
     async with running_devmesh(ca_settings, settings) as mesh:
-        group = mesh.control_plane.state.config.group(namespace, group_name)
+        mesh_config = mesh.control_plane.state.config
+        group = mesh_config.group(namespace, group_name)
         if group is None:
             raise ValueError(f"no WorkloadGroup {args.group} in {config_dir}")
-        overrides = _prepare_agent(mesh, group, workdir / "agent")
-        app = None if args.no_app else await _start_demo_app(group)
+        probe = _app_probe(group, args.app_port)
+        overrides = _prepare_agent(mesh, group, probe, workdir / "agent", ip, args)
+        app = None if args.no_app else await _start_demo_app(group, probe)
         try:
 
             def reload() -> Config:
                 return load_config(os.environ, overrides=overrides, cluster_env=os.devnull)
 
             agent = build_agent(reload())
-            _print_banner(mesh, agent.node.id, agent.config, config_dir, app is not None)
-            return await serve(agent, reload)
+            through_envoy: list[str] = []
+            if agent.config.vmagent_envoy:
+                check_envoy_ports(agent.config, mesh_config, dataplane)
+                app_port = int(app.address.rpartition(":")[2]) if app else None
+                through_envoy = mesh_request_lines(mesh_config, group, dataplane, app_port)
+            _print_banner(mesh, agent.node.id, agent.config, config_dir, app, through_envoy)
+            try:
+                return await serve(agent, reload)
+            except OSError as exc:
+                raise OSError(_with_flag(exc.strerror or str(exc), agent.config)) from None
         finally:
             if app is not None:
-                app.close()
+                await app.close()
 
 
-def _prepare_agent(mesh: DevMesh, group: WorkloadGroup, home: Path) -> dict[str, str]:
+def _with_flag(message: str, config: Config) -> str:
+    """The agent's bind error, plus the ``vmagent dev`` flag that moves the port it names."""
+    flags = [(address, "--dns-listen") for address in config.dns_proxy_addr]
+    flags.append((config.vmagent_status_addr, "--status-listen"))
+    for address, flag in flags:
+        port = address.rpartition(":")[2]
+        if f":{port}" in message or f"port {port}" in message or f"', {port})" in message:
+            return f"{message} (vmagent dev: move it with {flag} HOST:PORT)"
+    return message
+
+
+def _app_probe(group: WorkloadGroup, app_port: int | None) -> dict[str, Any] | None:
+    """The readiness probe the agent runs: the group's, with its port moved to ``app_port``
+    (httpGet / tcpSocket), so the demo app and the probe meet on the port the user chose."""
+    if group.probe is None:
+        return None
+    probe: dict[str, Any] = json.loads(json.dumps(dict(group.probe)))  # a deep, plain copy
+    if app_port is not None:
+        for kind in ("httpGet", "http_get", "tcpSocket", "tcp_socket"):
+            if isinstance(probe.get(kind), dict):
+                probe[kind]["port"] = app_port
+    return probe
+
+
+def _prepare_agent(
+    mesh: DevMesh,
+    group: WorkloadGroup,
+    probe: dict[str, Any] | None,
+    home: Path,
+    ip: str,
+    args: argparse.Namespace,
+) -> dict[str, str]:
     """Files and settings an onboarded VM would have: root cert, bootstrap token, and the
-    cluster.env keys istioctl writes (as overrides, so the user's env cannot leak in)."""
+    cluster.env keys istioctl writes (as overrides, so the user's env cannot leak in), plus
+    the ports the command line moved."""
     etc, state, run = home / "etc", home / "state", home / "run"
     for directory in (etc, state, run):
         directory.mkdir(parents=True, exist_ok=True)
@@ -96,11 +265,20 @@ def _prepare_agent(mesh: DevMesh, group: WorkloadGroup, home: Path) -> dict[str,
     token = mesh.ca.authority.mint_token(group.namespace, service_account, time.time())
     atomic_write(etc / "istio-token", token.encode(), 0o600)
     shutil.copyfile(mesh.root_cert, etc / "root-cert.pem")
-    ips = usable_ips(host_addresses()) or ["127.0.0.1"]
     proxy_config: dict[str, Any] = {"discoveryAddress": mesh.address}
-    if group.probe:
-        proxy_config["readinessProbe"] = dict(group.probe)
-    return {
+    if probe:
+        proxy_config["readinessProbe"] = probe
+    if args.envoy_admin_port:
+        proxy_config["proxyAdminPort"] = args.envoy_admin_port
+    # Ctrl-C should not wait Istio's 5 s for connections to drain from a demo app.
+    proxy_config["terminationDrainDuration"] = "1s"
+    moved = {
+        "DNS_PROXY_ADDR": args.dns_listen,
+        "VMAGENT_STATUS_ADDR": args.status_listen,
+        "VMAGENT_ENVOY_READINESS_PORT": args.readiness_port and str(args.readiness_port),
+        "VMAGENT_ENVOY_PROMETHEUS_PORT": args.prometheus_port and str(args.prometheus_port),
+    }
+    return {k: v for k, v in moved.items() if v} | {
         "VMAGENT_CONFIG_DIR": str(etc),
         "VMAGENT_STATE_DIR": str(state),
         "VMAGENT_RUN_DIR": str(run),
@@ -114,7 +292,7 @@ def _prepare_agent(mesh: DevMesh, group: WorkloadGroup, home: Path) -> dict[str,
         "POD_NAMESPACE": group.namespace,
         "SERVICE_ACCOUNT": service_account,
         "TRUST_DOMAIN": "cluster.local",
-        "ISTIO_SVC_IP": ips[0],
+        "ISTIO_SVC_IP": ip,
         "ISTIO_META_AUTO_REGISTER_GROUP": group.name,
         "ISTIO_META_DNS_CAPTURE": "true",
         "ISTIO_META_CLUSTER_ID": "Kubernetes",
@@ -123,38 +301,25 @@ def _prepare_agent(mesh: DevMesh, group: WorkloadGroup, home: Path) -> dict[str,
     }
 
 
-async def _start_demo_app(group: WorkloadGroup) -> asyncio.base_events.Server | None:
-    """A stand-in for the VM's workload on the port its probe checks, so health is real."""
-    probe = group.probe or {}
-    http = probe.get("httpGet") or probe.get("http_get")
-    if not isinstance(http, dict) or not http.get("port"):
+async def _start_demo_app(group: WorkloadGroup, probe: dict[str, Any] | None) -> DemoApp | None:
+    """A stand-in for the VM's workload on the port its probe checks, so health is real. A
+    port in use is fatal (exit 1 naming the port and --app-port): the probe would otherwise
+    check whatever else listens there."""
+    check = (probe or {}).get("httpGet") or (probe or {}).get("http_get")
+    check = check or (probe or {}).get("tcpSocket") or (probe or {}).get("tcp_socket")
+    if not isinstance(check, dict) or not check.get("port"):
         return None
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            body = f"hello from {group.namespace}/{group.name}\n".encode()
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    try:
-        return await asyncio.start_server(answer, "127.0.0.1", int(http["port"]))
-    except OSError as exc:
-        log.warning(
-            "demo app not started on port %s: %s (health will follow that port)", http["port"], exc
-        )
-        return None
+    return await start_demo_app(f"{group.namespace}/{group.name}", int(check["port"]))
 
 
-def _print_banner(mesh: DevMesh, node_id: str, config: Config, config_dir: Path, app: bool) -> None:
+def _print_banner(
+    mesh: DevMesh,
+    node_id: str,
+    config: Config,
+    config_dir: Path,
+    app: DemoApp | None,
+    through_envoy: list[str],
+) -> None:
     dns = config.dns_proxy_addr[0].replace("localhost", "127.0.0.1")
     dns_host, _, dns_port = dns.rpartition(":")
     dig = f"dig @{dns_host} -p {dns_port}"
@@ -166,11 +331,12 @@ def _print_banner(mesh: DevMesh, node_id: str, config: Config, config_dir: Path,
         f"  agent status http://{config.vmagent_status_addr}/status",
         f"  mesh config {config_dir} (edit it: the DNS proxy follows within a second)",
     ]
-    if app:
-        lines.append("  demo app answering the WorkloadGroup probe on 127.0.0.1")
+    if app is not None:
+        lines.append(f"  demo app answering the WorkloadGroup probe on {app.address}")
     lines += [
         "",
         "Try:",
+        *through_envoy,
         f"  {dig} productpage.bookinfo.svc.cluster.local",
         f"  {dig} vm-web-direct.vm.svc.cluster.local    # this VM, once registered and healthy",
         f"  {dig} anything.partner.example.com          # a wildcard ServiceEntry",

@@ -8,7 +8,10 @@ does it, as a pure state machine: every call takes ``now`` (seconds since the ep
   ``istio.io/disconnectedAt`` and is deleted ``grace`` seconds later unless the proxy reconnects.
 - HealthInformation sets the ``Healthy`` condition.
 - Entries whose WorkloadGroup disappears from the config are deleted (the owner reference's
-  cascade in Kubernetes).
+  cascade in Kubernetes). When the group comes back, the proxies still connected with it are
+  registered again at once, with their last health report (istio/istio#45329, fixed by
+  istio/istio#44709 "auto-register connected proxies at WorkloadGroup creation"), instead of
+  waiting for their next reconnect.
 """
 
 from __future__ import annotations
@@ -118,6 +121,15 @@ class WorkloadEntry:
         }  # fmt: skip
 
 
+def _condition(previous: Condition | None, report: tuple[bool, str, float]) -> Condition:
+    """The ``Healthy`` condition after a report (istiod keeps the transition time while the
+    status stays the same; a healthy report carries no message)."""
+    healthy, message, at = report
+    same = previous is not None and previous.status == healthy
+    transition = previous.last_transition_time if previous is not None and same else at
+    return Condition(healthy, "" if healthy else message, at, transition)
+
+
 def entry_name(node: ProxyNode) -> str:
     """``autoregisteredWorkloadEntryName``: empty without a group, IP or namespace."""
     if not node.auto_register_group or not node.ips or not node.namespace:
@@ -159,6 +171,8 @@ class _Stream:
     key: tuple[str, str]  # (namespace, entry name)
     proxy_key: str
     connected_at: float
+    node: ProxyNode
+    health: tuple[bool, str, float] | None = None  # last report: healthy, message, when
 
 
 class Registry:
@@ -210,7 +224,7 @@ class Registry:
             annotations[CONNECTED_AT] = rfc3339nano(now)
             self._put(dataclasses.replace(existing, annotations=annotations, delete_at=None))
         proxy_key = "~".join((node.network, node.ips[0], name, node.namespace))
-        self._streams[stream] = _Stream(key, proxy_key, now)
+        self._streams[stream] = _Stream(key, proxy_key, now, node)
         self._counts[proxy_key] = self._counts.get(proxy_key, 0) + 1
         return self._entries[key]
 
@@ -234,18 +248,39 @@ class Registry:
         return updated
 
     def report_health(self, stream: str, healthy: bool, message: str, now: float) -> bool:
-        """HealthInformation from a stream; returns whether the entry changed."""
+        """HealthInformation from a stream; returns whether the entry changed. The report is
+        kept with the stream even when its entry is gone (group deleted), so the entry comes
+        back with it when the group does."""
         held = self._streams.get(stream)
-        entry = self._entries.get(held.key) if held else None
+        if held is None:
+            return False
+        held.health = (healthy, message, now)
+        entry = self._entries.get(held.key)
         if entry is None:
             return False
-        previous = entry.condition
-        transition = (
-            now if previous is None or previous.status != healthy else previous.last_transition_time
-        )
-        condition = Condition(healthy, "" if healthy else message, now, transition)
-        self._put(dataclasses.replace(entry, condition=condition))
+        self._put(dataclasses.replace(entry, condition=_condition(entry.condition, held.health)))
         return True
+
+    def reregister(self, config: MeshConfig, now: float) -> list[WorkloadEntry]:
+        """Register again the connected proxies whose entry is gone but whose WorkloadGroup
+        is in ``config`` (a group deleted, then created again while they stayed connected).
+        ``connectedAt`` is the stream's own connect time; the last health report is applied."""
+        back: list[WorkloadEntry] = []
+        for stream_id in sorted(self._streams):
+            held = self._streams[stream_id]
+            if held.key in self._entries:
+                continue  # present, or already restored through another stream of the proxy
+            group = config.group(held.node.namespace, held.node.auto_register_group)
+            if group is None:
+                continue
+            entry = entry_from_group(held.key[1], held.node, group, self.controller, now)
+            annotations = {**entry.annotations, CONNECTED_AT: rfc3339nano(held.connected_at)}
+            entry = dataclasses.replace(entry, annotations=annotations)
+            if held.health is not None:
+                entry = dataclasses.replace(entry, condition=_condition(None, held.health))
+            self._put(entry)
+            back.append(entry)
+        return back
 
     def next_deadline(self) -> float | None:
         deadlines = [e.delete_at for e in self._entries.values() if e.delete_at is not None]

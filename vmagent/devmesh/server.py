@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -103,6 +104,13 @@ class CaService(ca_pb2_grpc.IstioCertificateServiceServicer):
         return ca_pb2.IstioCertificateResponse(cert_chain=chain)
 
 
+def bind_error(address: str, what: str, flag: str, exc: OSError) -> str:
+    """One line for a port that cannot be bound: the address, what wanted it, the flag that
+    moves it (``--listen HOST:PORT``), and the reason (``Address already in use``)."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return f"cannot listen on {address} ({what}): {reason}; choose another with {flag}"
+
+
 class DevCa:
     """The running dev CA: TLS front on ``listen``, gRPC on a loopback port behind it."""
 
@@ -152,7 +160,14 @@ class DevCa:
         self._front = TlsFront(context, backend)
         self.service.front = self._front
         host, port = self.settings.listen.rsplit(":", 1)
-        self.port = await self._front.start(host.strip("[]"), int(port))
+        try:
+            self.port = await self._front.start(host.strip("[]"), int(port))
+        except OSError as exc:
+            await self.stop()  # the gRPC server behind it too: nothing left for the GC
+            raise OSError(
+                bind_error(self.settings.listen, "devmesh CA + xDS", "--listen HOST:PORT", exc)
+            ) from None
+
         log.info(
             "dev CA for trust domain %r listening on %s (root %s/root-cert.pem)",
             self.settings.trust_domain,
@@ -165,4 +180,4 @@ class DevCa:
         if self._front is not None:
             await self._front.stop()
         if self._server is not None:
-            await self._server.stop(None)
+            await self._server.stop(1.0)  # in-flight CSRs finish; ADS streams ended already

@@ -6,7 +6,10 @@ istiod's rules (``pilot/pkg/xds/ads.go``, ``pkg/xds/server.go`` ``ShouldRespond`
 HealthInformation is a report, never answered; a request with ``error_detail`` is a NACK
 (recorded, not answered); an empty nonce, or a nonce for a type this stream never got, asks
 for a response; a nonce other than the last one sent is stale and ignored; the matching nonce
-is an ACK, answered only when the requested names changed.
+is an ACK, answered only when the requested names changed (for EDS/RDS, only when names were
+added). An empty name list for EDS/RDS unsubscribes the type (``shouldUnsubscribe``). A CDS
+INIT makes the next EDS request be answered even if it looks like an ACK, so Envoy can finish
+warming its clusters (``WarmingDependencies``, envoyproxy/envoy#13009).
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ from vmagent.xds.session import HEALTH_TYPE, NAME_TABLE_TYPE
 # The type URLs are the agent's: one definition for both ends of the stream.
 NAME_TABLE = NAME_TABLE_TYPE
 HEALTH_INFO = HEALTH_TYPE
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+# Not wildcard by the xDS spec (istiod ``IsWildcardTypeURL``): EDS, RDS, SDS, ECDS.
+NON_WILDCARD_TYPES = (
+    ENDPOINT_TYPE,
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+    "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,7 @@ class Watch:
     acked_version: str = ""
     acked_nonce: str = ""
     nacks: list[NackRecord] = field(default_factory=list)
+    always_respond: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,17 +149,26 @@ class Session:
                 watch.nacks = [*watch.nacks, record][-self.MAX_NACKS :]
             return Nack(type_url, request.version_info, request.response_nonce, record.message)
         names = tuple(sorted(request.resource_names))
+        if not names and type_url in NON_WILDCARD_TYPES:
+            self.watches.pop(type_url, None)  # Envoy no longer needs any: unsubscribe
+            return Ack(type_url, request.version_info)
         if not request.response_nonce or watch is None:
             self.watches[type_url] = watch or Watch()
             self.watches[type_url].names = names
+            if type_url == CLUSTER_TYPE and ENDPOINT_TYPE in self.watches:
+                self.watches[ENDPOINT_TYPE].always_respond = True
             return Respond(type_url)
         if request.response_nonce != watch.sent_nonce:
             return Stale(type_url, request.response_nonce)
         watch.acked_version, watch.acked_nonce = request.version_info, request.response_nonce
-        if names != watch.names:
-            watch.names = names
+        previous, watch.names = watch.names, names
+        always, watch.always_respond = watch.always_respond, False
+        if always:
             return Respond(type_url)
-        return Ack(type_url, request.version_info)
+        added = set(names) - set(previous)
+        if set(names) == set(previous) or (type_url in NON_WILDCARD_TYPES and not added):
+            return Ack(type_url, request.version_info)
+        return Respond(type_url)
 
     def response(
         self,

@@ -40,13 +40,16 @@ class MeshState:
         self.registry = Registry(grace, controller)
         self.sessions: dict[str, Session] = {}
 
-    def set_config(self, config: MeshConfig) -> list[WorkloadEntry]:
-        """Install a new config; returns the entries deleted because their group went away."""
+    def set_config(
+        self, config: MeshConfig, now: float
+    ) -> tuple[list[WorkloadEntry], list[WorkloadEntry]]:
+        """Install a new config; returns the entries deleted because their group went away and
+        those registered again for connected proxies because their group came back."""
         self.config = config
         self.allocated = allocate_addresses(config)
         self.config_error = ""
         self.config_generation += 1
-        return self.registry.prune(config)
+        return self.registry.prune(config), self.registry.reregister(config, now)
 
     def name_table(self, node: ProxyNode) -> nds_pb2.NameTable:
         return build_name_table(

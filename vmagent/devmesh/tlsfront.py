@@ -15,6 +15,8 @@ import contextlib
 import logging
 import ssl
 
+from vmagent.devmesh.connections import Connections
+
 log = logging.getLogger(__name__)
 
 CHUNK = 65536
@@ -32,6 +34,7 @@ class TlsFront:
         self.backend_port = backend_port
         self._peers: dict[int, bytes | None] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._connections = Connections()
 
     @staticmethod
     def make_context(cert_file: str, key_file: str, client_root_pem: str) -> ssl.SSLContext:
@@ -44,12 +47,15 @@ class TlsFront:
         return context
 
     async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._handle, host, port, ssl=self.context)
+        self._server = await asyncio.start_server(
+            self._connections.track(self._handle), host, port, ssl=self.context
+        )
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            await self._connections.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
@@ -78,8 +84,6 @@ class TlsFront:
         ]
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            pass  # the server is closing; the relay ends with it
         finally:
             for task in pumps:
                 task.cancel()

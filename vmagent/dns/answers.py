@@ -13,6 +13,7 @@ from vmagent.dns.wire import (
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
     TYPE_A,
+    TYPE_ANY,
     TYPE_CNAME,
     TYPE_OPT,
     TYPE_SOA,
@@ -75,7 +76,7 @@ class UpstreamReply:
     rcode: int
     truncated: bool
     cache_ttl: int | None  # None: must not be cached (RFC 2308: no SOA, errors, truncation)
-    negative: bool
+    negative: bool  # NXDOMAIN or NODATA (also behind a CNAME chain); capped as negative
 
 
 _RR = struct.Struct("!HHIH")
@@ -100,6 +101,7 @@ def _template_from_reply(
     reply: bytes, flags: int, counts: tuple[int, int, int], question_end: int
 ) -> UpstreamReply:
     an, ns, ar = counts
+    qtype = struct.unpack_from("!H", reply, question_end - 4)[0]
     body = bytearray(reply[:question_end])
     body[0:2] = b"\x00\x00"
     ends: list[int] = []
@@ -107,6 +109,7 @@ def _template_from_reply(
     ttls: list[int] = []
     ext_rcode = 0
     answer_ttl: int | None = None
+    answered = False  # a record of the asked type (or any record for ANY) in the answer
     soa_ttl: int | None = None
     off = question_end
     kept_ar = 0
@@ -127,6 +130,7 @@ def _template_from_reply(
         ends.append(len(body))
         if index < an:
             answer_ttl = ttl if answer_ttl is None else min(answer_ttl, ttl)
+            answered = answered or rtype == qtype or qtype == TYPE_ANY
         elif index < an + ns:
             if rtype == TYPE_SOA and rdlength >= 20:
                 minimum = struct.unpack_from("!I", reply, off - 4)[0]
@@ -138,14 +142,29 @@ def _template_from_reply(
     struct.pack_into("!HHH", body, 6, an, ns, kept_ar)
     rcode = (ext_rcode << 4) | (flags & 0xF)
     truncated = bool(flags & FLAG_TC)
-    negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and an == 0)
-    cache_ttl: int | None = None
-    if not truncated:
-        if rcode == RCODE_NOERROR and an:
-            cache_ttl = answer_ttl
-        elif negative:
-            cache_ttl = soa_ttl
+    negative = rcode == RCODE_NXDOMAIN or (rcode == RCODE_NOERROR and not answered)
+    cache_ttl = None if truncated else _cache_ttl(rcode, negative, answer_ttl, soa_ttl)
     template = Template(
         bytes(body), (an, ns, kept_ar), tuple(ends), tuple(ttl_offsets), tuple(ttls)
     )
     return UpstreamReply(template, rcode, truncated, cache_ttl, negative)
+
+
+def _cache_ttl(
+    rcode: int, negative: bool, answer_ttl: int | None, soa_ttl: int | None
+) -> int | None:
+    """Seconds a reply may be cached (before the cache's caps), None for never.
+
+    Positive: the smallest answer TTL. Negative (RFC 2308 5): min(SOA TTL, SOA MINIMUM), and
+    never longer than a CNAME chain in front of it (its records go out with the reply). A
+    NODATA behind a CNAME chain (RFC 2308 2.2: the chain ends without the asked type) without
+    an SOA: the chain's TTL, which the cache caps at its negative TTL (the configured
+    default, ``VMAGENT_DNS_CACHE_NEGATIVE_TTL``), so it is never cached as long as a positive
+    answer (c-ares/c-ares#1293). Other negative answers without an SOA, and errors: None."""
+    if not negative:
+        return answer_ttl if rcode == RCODE_NOERROR else None
+    if soa_ttl is not None:
+        return soa_ttl if answer_ttl is None else min(soa_ttl, answer_ttl)
+    if rcode == RCODE_NOERROR and answer_ttl is not None:
+        return answer_ttl
+    return None

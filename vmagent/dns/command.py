@@ -90,8 +90,8 @@ def _run_serve(args: argparse.Namespace, config: Config) -> int:
 
 async def serve(config: Config, table_path: str) -> int:
     proxy = DnsProxy(config)
-    table_file = TableFile(table_path, proxy.update_table)
-    initial = table_file.load_initial()
+    table_file = TableFile(table_path, proxy.update_from_file)
+    present = table_file.exists_at_start()
     await proxy.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,8 +99,8 @@ async def serve(config: Config, table_path: str) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        if initial is not None:
-            await proxy.update_table(initial)
+        if present:
+            await table_file.apply_now()
         async with TaskGroup() as group:
             watchers = [
                 group.create_task(table_file.watch()),

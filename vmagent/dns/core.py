@@ -1,8 +1,9 @@
 """The DNS proxy's pure core: query in, answer (or a decision to forward) out.
 
 No sockets, no clock: the shell passes ``now`` (monotonic seconds). Hits are remembered in
-``fast``, a dict from the query bytes after the ID to the finished reply bytes after the ID, so
-the shell can answer repeated queries with one dict lookup and no parsing."""
+``fast`` (UDP) and ``fast_tcp`` (TCP: no truncation, so other bytes), dicts from the query bytes
+after the ID to the finished reply bytes after the ID, so repeated queries are answered with one
+dict lookup and no parsing, and a name's rotated address orders take turns on both transports."""
 
 from __future__ import annotations
 
@@ -115,7 +116,9 @@ class DnsCore:
         self.lookup: Lookup | None = None
         self.cache = DnsCache(cache_limits or CacheLimits())
         self.counters = DnsCounters()
-        self.fast: dict[bytes, FastEntry] = {}
+        self.fast: dict[bytes, FastEntry] = {}  # UDP; read directly by the socket shell
+        self.fast_tcp: dict[bytes, FastEntry] = {}
+        self._rotation = 0  # which address order the next freshly built table answer uses
 
     @property
     def ready(self) -> bool:
@@ -125,6 +128,7 @@ class DnsCore:
         """Swap in a new table (built elsewhere); remembered replies are dropped with the old."""
         self.lookup = lookup
         self.fast = {}
+        self.fast_tcp = {}
         self.counters.table_names = len(lookup.hosts)
         self.counters.table_entries = lookup.entries
         self.counters.last_table_update = wall_now
@@ -132,6 +136,13 @@ class DnsCore:
     def handle(self, packet: bytes, now: float, tcp: bool) -> bytes | Forward | None:
         """Answer from the table or the cache, or say to forward; None means drop."""
         packet = bytes(packet)  # callers may hand in a bytearray or memoryview
+        if tcp:
+            # UDP hits never get here (the shell looks them up itself); TCP ones do.
+            hit = self.fast_tcp.get(packet[2:])
+            if hit is not None and hit.valid_until > now:
+                self.counters.queries[hit.outcome] += 1
+                hit.hits += 1
+                return packet[:2] + hit.next_reply()
         try:
             query = parse_query(packet)
         except BadQuery as bad:
@@ -150,28 +161,37 @@ class DnsCore:
                 if query.qtype == TYPE_A or query.qtype == TYPE_AAAA:
                     templates = table_templates(record, query, self.ttl)
                     replies = [finish(t, query, limit) for t in templates]
-                    if not tcp:
-                        self._remember(packet, replies, float("inf"), TABLE)
+                    # Istio's roundRobinResponse, on both transports: a fresh answer starts at
+                    # the next rotation (queries that differ in ID only continue it through
+                    # the remembered entry; others, e.g. dig's random cookie, through this
+                    # counter), so no client sees one fixed order.
+                    turn = self._rotation % len(replies)
+                    self._rotation += 1
+                    fast = self._remember(packet, replies, float("inf"), TABLE, tcp)
+                    fast.turn = turn
                     self.counters.queries[TABLE] += 1
-                    return replies[0]
+                    return replies[turn]
         key = query.key
         if not in_table:
             entry = self.cache.get(key, now)
             if entry is not None:
                 reply = finish(entry.template, query, limit, ttl_age=entry.age(now))
-                if not tcp:
-                    fast = self._remember(packet, [reply], entry.fresh_until(now), CACHE)
-                    _depend(entry, fast, now)
+                fast = self._remember(packet, [reply], entry.fresh_until(now), CACHE, tcp)
+                _depend(entry, fast, now)
                 self.counters.queries[CACHE] += 1
                 return reply
         return Forward(query, key, cacheable=not in_table)
 
     def _remember(
-        self, packet: bytes, replies: list[bytes], valid_until: float, kind: int
+        self, packet: bytes, replies: list[bytes], valid_until: float, kind: int, tcp: bool
     ) -> FastEntry:
-        fast = self.fast
+        fast = self.fast_tcp if tcp else self.fast
         if len(fast) >= FAST_MAX_ENTRIES:
-            fast = self.fast = {}
+            fast = {}
+            if tcp:
+                self.fast_tcp = fast
+            else:
+                self.fast = fast
         entry = fast[packet[2:]] = FastEntry([r[2:] for r in replies], valid_until, kind)
         return entry
 
@@ -206,8 +226,8 @@ class DnsCore:
         limit = reply_limit(query, tcp)
         reply = finish(resolution.template, query, limit, ttl_override=resolution.ttl_override)
         entry = resolution.entry
-        if entry is not None and not tcp:
-            fast = self._remember(query.packet, [reply], entry.fresh_until(now), CACHE)
+        if entry is not None:
+            fast = self._remember(query.packet, [reply], entry.fresh_until(now), CACHE, tcp)
             _depend(entry, fast, now)
         return reply
 

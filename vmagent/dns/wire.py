@@ -15,6 +15,7 @@ TYPE_CNAME = 5
 TYPE_SOA = 6
 TYPE_AAAA = 28
 TYPE_OPT = 41
+TYPE_ANY = 255
 CLASS_IN = 1
 
 RCODE_NOERROR = 0
@@ -113,9 +114,13 @@ class Query:
 
     @property
     def key(self) -> bytes:
-        """Cache and coalescing key: name, type, class and the DNSSEC-OK bit."""
+        """Cache and coalescing key: name, type, class, then one byte of the bits that change
+        what the upstream answers: 1 = DNSSEC OK (with/without DNSSEC records), 2 = Checking
+        Disabled (RFC 4035 3.2.2: an answer fetched with CD=1 may be bogus and must not reach a
+        CD=0 client; coredns/coredns#6186). ``key[:-1]`` is the question as sent upstream."""
         tail = self.packet[self.name_end : self.question_end]
-        return self.name + tail + (b"\x01" if self.do else b"\x00")
+        bits = (1 if self.do else 0) | (2 if self.flags & FLAG_CD else 0)
+        return self.name + tail + bytes((bits,))
 
 
 def parse_query(packet: bytes) -> Query | None:
@@ -179,10 +184,14 @@ def opt_record(do: bool, ext_rcode: int = 0) -> bytes:
 def error_reply(
     packet: bytes, rcode: int, question_end: int | None = None, edns: bool = False, do: bool = False
 ) -> bytes:
-    """Header-only (or header+question) reply carrying ``rcode``; ID, opcode and RD echoed,
-    OPT included when the query had one (RFC 6891 7) or the rcode needs the extended bits."""
+    """Header-only (or header+question) reply carrying ``rcode``; ID, opcode, RD and CD echoed
+    (RFC 1035 4.1.1, RFC 4035 3.2.2), RA set (vmagent offers recursion: it forwards; without
+    RA dig warns "recursion requested but not available"), OPT included when the query had
+    one (RFC 6891 7) or the rcode needs the extended bits. Table answers keep RA clear and
+    forwarded ones the upstream's bits, both as Istio's agent (reference 3.4)."""
     qid, flags = struct.unpack_from("!HH", packet)
-    reply_flags = FLAG_QR | (flags & (OPCODE_MASK | FLAG_RD)) | (rcode & 0xF)
+    echoed = flags & (OPCODE_MASK | FLAG_RD | FLAG_CD)
+    reply_flags = FLAG_QR | FLAG_RA | echoed | (rcode & 0xF)
     if question_end is None:
         return _HEADER.pack(qid, reply_flags, 0, 0, 0, 0)
     question = packet[12:question_end]

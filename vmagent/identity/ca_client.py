@@ -8,7 +8,6 @@ client certificate when one is valid, metadata ``clusterid`` and ``authorization
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -20,7 +19,34 @@ from cryptography import x509
 
 from vmagent._proto import ca_pb2, ca_pb2_grpc
 from vmagent.config import Config
-from vmagent.identity.certs import ChainError, parse_certs
+from vmagent.identity.channel import (
+    CLIENT_CERT,
+    CLOSED,
+    DEFAULT_SERVER_NAME,
+    NAME,
+    ROOT,
+    SYSTEM,
+    CaError,
+    CaTarget,
+    explain,
+    load_roots,
+    make_target,
+    open_channel,
+    root_choices,
+)
+
+__all__ = [
+    "DEFAULT_SERVER_NAME",
+    "SYSTEM",
+    "CaClient",
+    "CaError",
+    "CaTarget",
+    "ca_headers",
+    "ca_target",
+    "load_roots",
+    "open_channel",
+    "request_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,53 +60,23 @@ RETRIABLE = frozenset(
         grpc.StatusCode.UNAVAILABLE,
     }
 )
+# Failures that another attempt with the same settings cannot fix.
+PERMANENT_KINDS = frozenset({NAME, ROOT, CLIENT_CERT, CLOSED})
 MAX_ATTEMPTS = 5
 BACKOFF_BASE = 0.1
 BACKOFF_JITTER = 0.1
 CALL_TIMEOUT = 30.0
-DEFAULT_SERVER_NAME = "istiod.istio-system.svc"
-SYSTEM = "SYSTEM"
-CHANNEL_OPTIONS = (
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.http2.lookahead_bytes", 1 << 20),
-)
-
-
-class CaError(Exception):
-    """Signing failed; ``code`` is the gRPC status when the CA answered."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclasses.dataclass(frozen=True)
-class CaTarget:
-    address: str
-    server_name: str
-    plaintext: bool
-    root: str  # a PEM file path, or SYSTEM for the OS trust store
-
-
-def _host(address: str) -> str:
-    if address.startswith("["):
-        return address[1 : address.find("]")]
-    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
 
 
 def ca_target(config: Config) -> CaTarget:
-    """Istio's rules: plaintext only for ``:15010``; server name ``ISTIOD_SAN``, else the host
-    (a host containing ``localhost`` becomes istiod's name); root ``CA_ROOT_CA``, else
+    """Istio's rules (see :mod:`vmagent.identity.channel`); the root is ``CA_ROOT_CA``, else
     ``XDS_ROOT_CA``, else ``<VMAGENT_CONFIG_DIR>/root-cert.pem``."""
-    address = config.ca_address
-    host = _host(address)
-    server_name = config.istiod_san or (DEFAULT_SERVER_NAME if "localhost" in host else host)
-    root = config.ca_root_ca or config.xds_root_ca
-    if not root:
-        root = str(Path(config.vmagent_config_dir) / "root-cert.pem")
-    return CaTarget(address, server_name, address.endswith(":15010"), root)
+    return make_target(
+        config.ca_address,
+        config.istiod_san,
+        root_choices(config, "CA_ROOT_CA", "XDS_ROOT_CA"),
+        config.vmagent_config_dir,
+    )
 
 
 def ca_headers(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -114,31 +110,6 @@ def build_request(
     return request
 
 
-def load_roots(target: CaTarget) -> tuple[bytes | None, list[x509.Certificate] | None]:
-    """PEM and parsed root certs, or (None, None) for the OS trust store."""
-    if target.root.upper() == SYSTEM:
-        return None, None
-    try:
-        pem = Path(target.root).read_bytes()
-        return pem, parse_certs(pem, f"CA root {target.root}")
-    except OSError as exc:
-        raise CaError(f"cannot read CA root certificate {target.root}: {exc.strerror}") from None
-    except ChainError as exc:
-        raise CaError(str(exc)) from None
-
-
-def open_channel(target: CaTarget, client_cert: tuple[bytes, bytes] | None) -> grpc.aio.Channel:
-    """A channel to the CA or istiod: plaintext only for :15010 targets, else TLS verified
-    against the target's root with the expected server name, presenting ``client_cert``."""
-    if target.plaintext:
-        return grpc.aio.insecure_channel(target.address, options=CHANNEL_OPTIONS)
-    root_pem, _ = load_roots(target)
-    key, chain = client_cert if client_cert else (None, None)
-    credentials = grpc.ssl_channel_credentials(root_pem, key, chain)
-    options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", target.server_name))
-    return grpc.aio.secure_channel(target.address, credentials, options=options)
-
-
 class CaClient:
     def __init__(
         self,
@@ -157,7 +128,17 @@ class CaClient:
         self._rng = rng or random.Random()
 
     def trusted_roots(self) -> list[x509.Certificate] | None:
+        """The configured roots, read now (None: the OS trust store); CaError naming the file."""
         return load_roots(self.target)[1]
+
+    def trusted_root_pem(self) -> bytes | None:
+        """The configured root file's bytes, read now (None: the OS trust store)."""
+        if self.target.root.upper() == SYSTEM:
+            return None
+        try:
+            return Path(self.target.root).read_bytes()
+        except OSError as exc:
+            raise CaError(f"cannot read {self.target.root}: {exc.strerror}", kind=ROOT) from None
 
     async def _call_once(
         self,
@@ -184,21 +165,20 @@ class CaClient:
                 return await self._call_once(request, metadata, client_cert)
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                if code not in RETRIABLE or attempt == MAX_ATTEMPTS:
+                failure = explain(
+                    self.target,
+                    code,
+                    details,
+                    client_cert_sent=client_cert is not None,
+                    timeout=CALL_TIMEOUT if code == grpc.StatusCode.DEADLINE_EXCEEDED else None,
+                )
+                last = attempt == MAX_ATTEMPTS or failure.kind in PERMANENT_KINDS
+                if code not in RETRIABLE or last:
                     raise CaError(
-                        f"CA {self.target.address} (authenticating with {auth}): "
-                        f"{code.name}: {details}",
-                        code,
+                        f"CA {failure.message} (authenticating with {auth})", code, failure.kind
                     ) from None
                 delay = BACKOFF_BASE * 2 ** (attempt - 1)
                 delay *= 1 + BACKOFF_JITTER * self._rng.uniform(-1, 1)
-                log.info(
-                    "CA %s: %s (%s), retry %d in %.2fs",
-                    self.target.address,
-                    code.name,
-                    details,
-                    attempt,
-                    delay,
-                )
+                log.info("CA %s; retry %d in %.2fs", failure.message, attempt, delay)
                 await self._sleep(delay)
         raise AssertionError("unreachable")

@@ -152,3 +152,27 @@ def _bundle(
         not_after=leaf.not_valid_after_utc.timestamp(),
         created=created,
     )
+
+
+def trust_domain_of(spiffe_id: str) -> str:
+    """``spiffe://<trust domain>/...`` -> trust domain ("" if not a SPIFFE ID)."""
+    if not spiffe_id.startswith("spiffe://"):
+        return ""
+    return spiffe_id[len("spiffe://") :].split("/", 1)[0]
+
+
+def root_mismatch(bundle: CertBundle, trusted: Sequence[x509.Certificate] | None) -> str:
+    """Why ``bundle`` does not chain to the configured roots ("" when it does, or when the OS
+    trust store is used: nothing to compare with). Used to discard a stored or current cert
+    after a re-onboarding or root rotation (the control plane would refuse it)."""
+    if trusted is None:
+        return ""
+    try:
+        certs = parse_certs(bundle.chain_pem, "cert-chain.pem")
+    except ChainError as exc:
+        return str(exc)
+    top = certs[-1]
+    if any(top == root or _issued_by(top, root) for root in trusted):
+        return ""
+    issuer = top.issuer.rfc4514_string() or "(empty name)"
+    return f"its chain ends at {issuer!r}, which is not the configured root certificate"

@@ -20,9 +20,9 @@ from vmagent.identity.providers import (
     AzureProvider,
     CredentialProvider,
     GceProvider,
+    MetadataHttp,
     TokenFileProvider,
     aws_endpoint,
-    http_request,
 )
 from vmagent.identity.tokens import AWS, AZURE, GCE, JWT, CredentialError
 
@@ -90,21 +90,26 @@ def read_dmi(root: str) -> dict[str, str]:
     return found
 
 
+def _prober() -> MetadataHttp:
+    """Probes are single, short requests: no retries (a missing cloud must not slow start)."""
+    return MetadataHttp(retries=0, timeout=PROBE_TIMEOUT)
+
+
 async def _probe_gce(config: Config) -> bool:
     url = GceProvider(config).url.split("/computeMetadata/")[0] + "/computeMetadata/v1/"
-    reply = await http_request("GET", url, GCE_HEADERS, PROBE_TIMEOUT)
+    reply = await _prober().request("GET", url, GCE_HEADERS)
     return reply.status == 200 and reply.headers.get("metadata-flavor") == "Google"
 
 
 async def _probe_aws(config: Config) -> bool:
     url = f"{aws_endpoint(config)}/latest/api/token"
     headers = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
-    return (await http_request("PUT", url, headers, PROBE_TIMEOUT)).status == 200
+    return (await _prober().request("PUT", url, headers)).status == 200
 
 
 async def _probe_azure(config: Config) -> bool:
     url = f"{AzureProvider(config).endpoint}/metadata/instance?api-version={AZURE_INSTANCE_API}"
-    reply = await http_request("GET", url, {"Metadata": "true"}, PROBE_TIMEOUT)
+    reply = await _prober().request("GET", url, {"Metadata": "true"})
     return reply.status == 200 and b'"compute"' in reply.body
 
 

@@ -1,17 +1,16 @@
 """Platform credential providers: token file, GCE, AWS (IMDSv2 only) and Azure.
 
 Each provider has ``source`` and ``async fetch(now) -> Credential``. HTTP to metadata servers
-uses the standard library in a worker thread; responses are checked as the clouds document
-them and anything else is a :class:`CredentialError` that says what went wrong.
+goes through one ``requests`` session per provider (:class:`~vmagent.identity.metadata.
+MetadataHttp`: a timeout on every request, a bounded number of retries with backoff, never a
+proxy), called in a worker thread. Answers are checked as the clouds document them;
+anything else is a :class:`CredentialError` that says what went wrong.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import dataclasses
-import http.client
 import json
 import logging
 import urllib.parse
@@ -20,6 +19,13 @@ from pathlib import Path
 from typing import Protocol
 
 from vmagent.config import Config
+from vmagent.identity.metadata import (
+    METADATA_RETRIES,
+    METADATA_TIMEOUT,
+    HttpReply,
+    MetadataHttp,
+    MetadataTimeout,
+)
 from vmagent.identity.tokens import (
     AWS,
     AZURE,
@@ -30,14 +36,26 @@ from vmagent.identity.tokens import (
     Credential,
     CredentialError,
     check_unexpired,
-    decode_jwt,
     encode_aws,
     encode_azure,
+    inspect_token,
 )
+
+__all__ = [
+    "METADATA_RETRIES",
+    "METADATA_TIMEOUT",
+    "AwsProvider",
+    "AzureProvider",
+    "CredentialProvider",
+    "GceProvider",
+    "HttpReply",
+    "MetadataHttp",
+    "MetadataTimeout",
+    "TokenFileProvider",
+]
 
 log = logging.getLogger(__name__)
 
-METADATA_TIMEOUT = 2.0  # seconds per request, as Istio's GCE client dials
 AWS_TOKEN_TTL = "21600"
 AZURE_ATTESTED_API = "2020-09-01"
 AZURE_INSTANCE_API = "2021-02-01"
@@ -59,43 +77,6 @@ class CredentialProvider(Protocol):
     def source(self) -> str: ...
 
     async def fetch(self, now: float) -> Credential: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpReply:
-    status: int
-    body: bytes
-    headers: Mapping[str, str]
-
-
-class MetadataTimeout(CredentialError):
-    pass
-
-
-def _request(method: str, url: str, headers: Mapping[str, str], timeout: float) -> HttpReply:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise CredentialError(f"metadata URL {url!r} must be http://host[:port]/...")
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    try:
-        conn.request(method, target, headers=dict(headers))
-        response = conn.getresponse()
-        body = response.read(1 << 20)
-        return HttpReply(response.status, body, {k.lower(): v for k, v in response.getheaders()})
-    except TimeoutError:
-        raise MetadataTimeout(f"{method} {url}: no answer within {timeout:g}s") from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise CredentialError(f"{method} {url}: {exc or type(exc).__name__}") from None
-    finally:
-        conn.close()
-
-
-async def http_request(
-    method: str, url: str, headers: Mapping[str, str], timeout: float = METADATA_TIMEOUT
-) -> HttpReply:
-    """One HTTP request in a worker thread; CredentialError on connection failure."""
-    return await asyncio.to_thread(_request, method, url, headers, timeout)
 
 
 def _status_error(what: str, url: str, reply: HttpReply) -> CredentialError:
@@ -124,12 +105,15 @@ def _json_object(text: str, what: str) -> dict[str, object]:
 
 
 class TokenFileProvider:
-    """Istio's ``istio-token``: re-read and trimmed at every use."""
+    """Istio's ``istio-token``: re-read and trimmed at every use, sent as it is. A JWT is
+    decoded only to learn its expiry (an expired one is refused with a clear error); any other
+    token is opaque, which is fine, and said once in the log."""
 
     source = JWT
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._warned_opaque = False
 
     async def fetch(self, now: float) -> Credential:
         path = Path(self.path)
@@ -141,12 +125,16 @@ class TokenFileProvider:
             raise CredentialError(f"token file {path} cannot be read: {exc}") from None
         if not token:
             raise CredentialError(f"token file {path} is empty")
-        try:
-            jwt = decode_jwt(token)
-        except CredentialError as exc:
-            raise CredentialError(f"token file {path}: {exc}") from None
-        check_unexpired(jwt, now, f"token in {path}")
-        return Credential(JWT, token, jwt.expires_at, f"token file {path}")
+        info = inspect_token(token)
+        if info.problem and not self._warned_opaque:
+            self._warned_opaque = True
+            log.warning(
+                "token file %s: expiry unknown (%s); sending it as an opaque bearer token",
+                path,
+                info.problem,
+            )
+        check_unexpired(info, now, f"token in {path}")
+        return Credential(JWT, token, info.expires_at, f"token file {path}")
 
 
 def gce_identity_url(config: Config) -> str:
@@ -178,6 +166,8 @@ class GceProvider:
         self.trust_domain = config.trust_domain
         self._cached: Credential | None = None
         self._issued_at: float | None = None
+        self._http = MetadataHttp()
+        self._warned_opaque = False
 
     async def fetch(self, now: float) -> Credential:
         if not gce_needs_refresh(self._cached, self._issued_at, now) and self._cached:
@@ -185,7 +175,7 @@ class GceProvider:
         if not self.trust_domain:
             raise CredentialError("GCE identity token: TRUST_DOMAIN is empty, no audience to ask")
         what = "GCE identity token"
-        reply = await http_request("GET", self.url, GCE_HEADERS)
+        reply = await self._http.request("GET", self.url, GCE_HEADERS)
         if reply.status == 404:
             raise CredentialError(
                 f"{what}: {self.url} answered 404: the instance has no service account"
@@ -193,13 +183,16 @@ class GceProvider:
         if reply.status != 200:
             raise _status_error(what, self.url, reply)
         token = _text(reply, what)
-        try:
-            jwt = decode_jwt(token)
-        except CredentialError as exc:
-            raise CredentialError(f"{what}: {exc}") from None
-        check_unexpired(jwt, now, what)
-        self._cached = Credential(GCE, token, jwt.expires_at, f"GCE metadata {self.url}")
-        self._issued_at = jwt.issued_at
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise CredentialError(f"{what}: answer is not a token (contains blanks or controls)")
+        info = inspect_token(token)
+        if info.problem and not self._warned_opaque:
+            # Expiry unknown: not cached, fetched again at each use (a local call).
+            self._warned_opaque = True
+            log.warning("%s: expiry unknown (%s); sending it as it is", what, info.problem)
+        check_unexpired(info, now, what)
+        self._cached = Credential(GCE, token, info.expires_at, f"GCE metadata {self.url}")
+        self._issued_at = info.issued_at
         return self._cached
 
 
@@ -225,11 +218,12 @@ class AwsProvider:
 
     def __init__(self, config: Config) -> None:
         self.endpoint = aws_endpoint(config)
+        self._http = MetadataHttp()
 
     async def session_token(self) -> str:
         url = f"{self.endpoint}/latest/api/token"
         try:
-            reply = await http_request(
+            reply = await self._http.request(
                 "PUT", url, {"X-aws-ec2-metadata-token-ttl-seconds": AWS_TOKEN_TTL}
             )
         except MetadataTimeout as exc:
@@ -245,7 +239,7 @@ class AwsProvider:
 
     async def _read(self, path: str, token: str, what: str) -> str:
         url = f"{self.endpoint}{path}"
-        reply = await http_request("GET", url, {"X-aws-ec2-metadata-token": token})
+        reply = await self._http.request("GET", url, {"X-aws-ec2-metadata-token": token})
         if reply.status != 200:
             raise _status_error(what, url, reply)
         return _text(reply, what)
@@ -281,10 +275,11 @@ class AzureProvider:
 
     def __init__(self, config: Config) -> None:
         self.endpoint = config.vmagent_azure_metadata_endpoint.rstrip("/")
+        self._http = MetadataHttp()
 
     async def _get(self, path: str, query: Mapping[str, str], what: str) -> dict[str, object]:
         url = f"{self.endpoint}{path}?{urllib.parse.urlencode(query)}"
-        reply = await http_request("GET", url, {"Metadata": "true"})
+        reply = await self._http.request("GET", url, {"Metadata": "true"})
         if reply.status != 200:
             raise _status_error(what, url, reply)
         return _json_object(_text(reply, what), what)

@@ -53,6 +53,13 @@ def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
         os.close(dir_fd)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 class CertStore:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -110,6 +117,21 @@ class CertStore:
         except (ChainError, OSError) as exc:
             log.warning("ignoring stored certificate in %s: %s", self.directory, exc)
             return None
+
+    def discard(self, keep: str | Path | None = None) -> None:
+        """Set the stored cert aside (``<file>.discarded``, kept for inspection) so that it is
+        neither served nor shown; best effort. ``keep`` (the configured root file, which may
+        live here, as Istio's ``/etc/certs/root-cert.pem`` does) is never moved."""
+        for name in (KEY_FILE, CHAIN_FILE, ROOT_FILE):
+            path = self.directory / name
+            if keep is not None and _same_file(path, Path(keep)):
+                continue
+            try:
+                os.replace(path, path.with_name(name + ".discarded"))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("cannot set %s aside: %s", path, exc)
 
     def save_status(self, status: dict[str, Any]) -> None:
         """Best effort: the status file is for ``vmagent identity show``."""

@@ -1,7 +1,10 @@
 """Bearer credentials as plain values: JWT decoding and the AWS/Azure bearer encoding.
 
-Pure functions only. GCE identity tokens and token files are JWTs and travel as they are. AWS
-and Azure documents are wrapped in the vmagent bearer encoding (``docs/identity.md``)::
+Pure functions only. GCE identity tokens and token files travel as they are: Istio's agent sends
+the token file's content as an opaque bearer token (``pkg/istio-agent``, ``CredFetcher``), so a
+token that is not a JWT is sent unchanged too; a JWT is decoded only to learn its expiry
+(:func:`inspect_token`). AWS and Azure documents are wrapped in the vmagent bearer encoding
+(``docs/identity.md``)::
 
     vmagent-aws-v1.<base64url(JSON {"document", "signature"})>
     vmagent-azure-v1.<base64url(JSON {"encoding", "signature", "nonce", "instance"})>
@@ -100,8 +103,33 @@ def decode_jwt(token: str) -> Jwt:
     return Jwt(header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
 
 
-def check_unexpired(jwt: Jwt, now: float, what: str) -> None:
-    """CredentialError if the JWT has an ``exp`` at or before ``now``."""
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    """What can be learned from a bearer token without trusting it.
+
+    ``expires_at``/``issued_at`` are UNIX seconds from the JWT's ``exp``/``iat`` claims, None
+    when unknown; ``problem`` says why the expiry is unknown ("" when it is known).
+    """
+
+    expires_at: float | None
+    issued_at: float | None
+    problem: str
+
+
+def inspect_token(token: str) -> TokenInfo:
+    """Decode ``token`` as a JWT only to learn its lifetime; never fails (opaque tokens, e.g.
+    non-JWT service account tokens, are valid bearer credentials and are sent as they are)."""
+    try:
+        jwt = decode_jwt(token)
+    except CredentialError as exc:
+        return TokenInfo(None, None, str(exc))
+    if jwt.expires_at is None:
+        return TokenInfo(None, jwt.issued_at, "JWT has no numeric exp claim")
+    return TokenInfo(jwt.expires_at, jwt.issued_at, "")
+
+
+def check_unexpired(jwt: Jwt | TokenInfo, now: float, what: str) -> None:
+    """CredentialError if the token has an ``exp`` at or before ``now``."""
     exp = jwt.expires_at
     if exp is not None and exp <= now:
         raise CredentialError(f"{what} expired {int(now - exp)}s ago (exp={int(exp)})")

@@ -1,21 +1,25 @@
 """A minimal HTTP/1.1 server for local status (loopback TCP and a Unix socket).
 
 Routes (pure, :func:`route`): ``/healthz/ready`` (200 or 503 with the reasons), ``/status``
-(the JSON state document), ``/debug/ndsz`` (the current name table, as Istio's agent serves)."""
+(the JSON state document), ``/debug/ndsz`` (the current name table, as Istio's agent serves:
+from the server's async ``ndsz`` source when it has one, which renders it off the event loop, a
+100k-entry table being ~13 MB of JSON; else from the state's ``name_table``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 log = logging.getLogger("vmagent.status")
 
 StateSource = Callable[[], Mapping[str, Any]]
+DocumentSource = Callable[[], Awaitable[bytes]]  # a JSON document, already encoded
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
@@ -43,8 +47,9 @@ def route(method: str, path: str, state: StateSource) -> tuple[int, str, bytes]:
 
 
 class StatusServer:
-    def __init__(self, state: StateSource) -> None:
+    def __init__(self, state: StateSource, ndsz: DocumentSource | None = None) -> None:
         self._state = state
+        self._ndsz = ndsz
         self._servers: list[asyncio.base_events.Server] = []
 
     async def listen_tcp(self, host: str, port: int) -> None:
@@ -53,6 +58,15 @@ class StatusServer:
         log.info("status: http://%s:%d/status", host, port)
 
     async def listen_unix(self, path: str) -> None:
+        """Serve on the Unix socket ``path``; a stale socket file is replaced, but one that a
+        live process answers on raises OSError(EADDRINUSE): taking it over would leave two
+        agents sharing one run directory, and ``vmagent status`` talking to the wrong one."""
+        if await _answers(path):
+            raise OSError(
+                errno.EADDRINUSE,
+                f"another process is serving on {path}; is another vmagent using this"
+                " VMAGENT_RUN_DIR?",
+            )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket from an earlier run
         server = await asyncio.start_unix_server(self._serve, path)
@@ -70,7 +84,10 @@ class StatusServer:
             if len(head) > MAX_REQUEST_HEAD:
                 raise ValueError("request head too large")
             method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
-            status, content_type, body = route(method, path, self._state)
+            if self._ndsz is not None and method in ("GET", "HEAD") and _is_ndsz(path):
+                status, content_type, body = 200, "application/json", await self._ndsz()
+            else:
+                status, content_type, body = route(method, path, self._state)
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.close()
             return
@@ -86,3 +103,17 @@ class StatusServer:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
+
+
+def _is_ndsz(path: str) -> bool:
+    return path.split("?", 1)[0] == "/debug/ndsz"
+
+
+async def _answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket ``path`` (1 s at most)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return False  # absent, refused (stale file), or not a socket
+    writer.close()
+    return True

@@ -1,8 +1,10 @@
-"""The control-plane link: one ADS stream to istiod (or devmesh) carrying NDS and health."""
+"""The control-plane link: one ADS stream to istiod (or devmesh) carrying NDS, health and,
+through the xDS proxy, Envoy's ADS."""
 
 from vmagent.health import HealthEvent as Health
-from vmagent.xds.client import ChannelAuth, XdsClient, xds_target
+from vmagent.xds.client import ChannelAuth, XdsClient, upstream_kind, xds_target
 from vmagent.xds.node import NodeError, NodeInfo, build_node, usable_ips
+from vmagent.xds.proxy import XdsProxy, xds_socket_path
 from vmagent.xds.session import HEALTH_TYPE, NAME_TABLE_TYPE, name_table_document
 
 __all__ = [
@@ -13,8 +15,11 @@ __all__ = [
     "NodeError",
     "NodeInfo",
     "XdsClient",
+    "XdsProxy",
     "build_node",
     "name_table_document",
+    "upstream_kind",
     "usable_ips",
+    "xds_socket_path",
     "xds_target",
 ]

@@ -4,17 +4,24 @@ in, messages out; the shell owns the stream."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from envoy.config.core.v3 import base_pb2
-from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest, DiscoveryResponse
-from google.protobuf import json_format, message, struct_pb2
+from envoy.service.discovery.v3.discovery_pb2 import (
+    DeltaDiscoveryRequest,
+    DeltaDiscoveryResponse,
+    DiscoveryRequest,
+    DiscoveryResponse,
+    Resource,
+)
+from google.protobuf import any_pb2, message, struct_pb2
 from google.rpc import status_pb2
 
 from vmagent._proto import nds_pb2
 from vmagent.backoff import backoff_delay as backoff_delay  # re-exported for the shell
-from vmagent.dns.table import NameInfo, NameTableError, parse_name_table
+from vmagent.dns.ndstable import name_table_document as name_table_document  # re-exported
+from vmagent.dns.ndstable import table_from_proto
+from vmagent.dns.table import NameInfo, NameTableError
 from vmagent.health import HealthEvent as Health
 from vmagent.xds.node import NodeInfo
 
@@ -39,9 +46,26 @@ def health_request(health: Health) -> DiscoveryRequest:
     return request
 
 
+def table_resource(
+    response: DiscoveryResponse | DeltaDiscoveryResponse,
+) -> any_pb2.Any | None:
+    """The packed NameTable of a NameTable push (SotW ``resources[0]``, delta
+    ``resources[0].resource``), undecoded; None for an empty push (nothing changes)."""
+    if not response.resources:
+        return None
+    first = response.resources[0]
+    packed: any_pb2.Any = first.resource if isinstance(first, Resource) else first
+    return packed
+
+
 def decode_name_table(response: DiscoveryResponse) -> dict[str, NameInfo]:
     """The whole table from ``resources[0]`` (Istio replaces the table, never merges)."""
-    resource = response.resources[0]
+    return decode_name_table_any(response.resources[0])
+
+
+def decode_name_table_any(resource: any_pb2.Any) -> dict[str, NameInfo]:
+    """A packed NameTable (SotW ``resources[0]``, delta ``resources[0].resource``);
+    NameTableError when it is another type or does not decode."""
     if resource.type_url != NAME_TABLE_TYPE:
         raise NameTableError(f"unexpected resource type {resource.type_url!r}")
     table = nds_pb2.NameTable()
@@ -51,33 +75,14 @@ def decode_name_table(response: DiscoveryResponse) -> dict[str, NameInfo]:
         raise NameTableError(f"resource does not decode as a NameTable: {exc}") from None
     if not unpacked:
         raise NameTableError("resource does not decode as a NameTable")
-    document = json_format.MessageToDict(table, preserving_proto_field_name=True)
-    return parse_name_table(document)
-
-
-def name_table_document(table: Mapping[str, NameInfo]) -> dict[str, object]:
-    """The protobuf JSON mapping of a table (what ``--name-table`` files hold)."""
-    entries: dict[str, object] = {}
-    for host, info in table.items():
-        entry: dict[str, object] = {"ips": list(info.ips)}
-        for key, value in (
-            ("registry", info.registry),
-            ("shortname", info.shortname),
-            ("namespace", info.namespace),
-        ):
-            if value:
-                entry[key] = value
-        if info.alt_hosts:
-            entry["alt_hosts"] = list(info.alt_hosts)
-        entries[host] = entry
-    return {"table": entries}
+    return table_from_proto(table)
 
 
 @dataclass(frozen=True)
 class TablePush:
     """A NameTable push handled: the reply to send, and the table when it was accepted."""
 
-    reply: DiscoveryRequest
+    reply: DiscoveryRequest | DeltaDiscoveryRequest
     table: dict[str, NameInfo] | None
     version: str
     error: str | None
@@ -101,6 +106,9 @@ class AdsSession:
             requests.append(health_request(last_health))
         return requests
 
+    def health_request(self, health: Health) -> DiscoveryRequest:
+        return health_request(health)
+
     def on_response(self, response: DiscoveryResponse) -> TablePush | DiscoveryRequest | None:
         if response.type_url != NAME_TABLE_TYPE:
             # Not subscribed; ACK so the server does not wait on us.
@@ -116,9 +124,17 @@ class AdsSession:
         try:
             table = decode_name_table(response)
         except (NameTableError, ValueError) as exc:
+            return self.on_checked(response, str(exc))
+        return replace(self.on_checked(response, None), table=table)
+
+    def on_checked(self, response: DiscoveryResponse, error: str | None) -> TablePush:
+        """The ACK (``error`` None) or NACK of a NameTable push that was checked elsewhere (by
+        the table builder: ``vmagent.dns.tablebuild``); its ``table`` is None."""
+        reply = DiscoveryRequest(type_url=NAME_TABLE_TYPE, response_nonce=response.nonce)
+        if error is not None:
             reply.version_info = self.accepted_version
-            reply.error_detail.CopyFrom(status_pb2.Status(code=CODE_INTERNAL, message=str(exc)))
-            return TablePush(reply, None, response.version_info, str(exc))
+            reply.error_detail.CopyFrom(status_pb2.Status(code=CODE_INTERNAL, message=error))
+            return TablePush(reply, None, response.version_info, error)
         self.accepted_version = reply.version_info = response.version_info
         self.accepted_nonce = response.nonce
-        return TablePush(reply, table, response.version_info, None)
+        return TablePush(reply, None, response.version_info, None)

@@ -1,0 +1,96 @@
+"""``vmagent dev``'s data plane helpers: which request the banner shows, and a check that
+Envoy's ports are free before Envoy starts (Envoy itself only logs a port it cannot bind and
+never becomes ready)."""
+
+from __future__ import annotations
+
+import socket
+
+from vmagent.config import Config
+from vmagent.devmesh.dataplane_model import DataplaneOptions, is_http
+from vmagent.devmesh.demoapp import WHOAMI
+from vmagent.devmesh.server import bind_error
+from vmagent.devmesh.services import MeshConfig, Port, Service, WorkloadGroup
+from vmagent.envoy import envoy_options
+
+
+def mesh_port(config: MeshConfig, group: WorkloadGroup) -> tuple[Service, Port] | None:
+    """The first HTTP port of a service with a VIP that selects ``group``'s workloads: the one
+    the banner's request goes through (headless and wildcard services get no listener)."""
+    labels = {**group.template_labels, **group.labels}
+    for service in config.services:
+        selector = service.workload_selector
+        if selector is None or service.namespace != group.namespace:
+            continue
+        if service.wildcard or service.resolution != "STATIC" or not service.addresses:
+            continue
+        if all(labels.get(k) == v for k, v in selector.items()):
+            for port in service.ports:
+                if is_http(port):
+                    return service, port
+    return None
+
+
+def check_envoy_ports(config: Config, mesh: MeshConfig, dataplane: DataplaneOptions) -> None:
+    """Envoy would only log a port it cannot bind (and never become ready): check them first.
+    Raises OSError with one line naming the address and the flag that moves it."""
+    opts = envoy_options(config)
+    wanted = [
+        ("127.0.0.1", opts.admin_port, "Envoy admin", "--envoy-admin-port PORT"),
+        (dataplane.listen_address, dataplane.inbound_port, "Envoy inbound", "--inbound-port PORT"),
+        (dataplane.listen_address, dataplane.outbound_port, "Envoy outbound", "--outbound-port"),
+        ("127.0.0.1", opts.readiness_port, "Envoy readiness", "--readiness-port PORT"),
+        ("127.0.0.1", opts.prometheus_port, "Envoy prometheus", "--prometheus-port PORT"),
+    ]
+    http_ports = {
+        port.number
+        for service in mesh.services
+        if service.resolution == "STATIC" and not service.wildcard
+        for port in service.ports
+        if is_http(port)
+    }
+    bind = dataplane.outbound_bind
+    wanted += [(bind, p, "Envoy outbound HTTP", "--outbound-bind ADDRESS") for p in http_ports]
+    for host, port, what, flag in wanted:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As Envoy binds: SO_REUSEADDR, so only a live listener (not TIME_WAIT) counts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                probe.listen()
+            except OSError as exc:
+                where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+                raise OSError(bind_error(where, what, flag, exc)) from None
+
+
+def mesh_request(host: str, bind: str, port: int) -> str:
+    """The banner's one command: through Envoy's outbound listener, Istio mTLS to the inbound
+    listener, to the demo app's ``/whoami``, which prints the caller's identity."""
+    if ":" in bind:  # -g: curl would read the brackets of an IPv6 literal as a glob
+        return f"curl -s -g -H 'Host: {host}' http://[{bind}]:{port}{WHOAMI}"
+    return f"curl -s -H 'Host: {host}' http://{bind}:{port}{WHOAMI}"
+
+
+def mesh_request_lines(
+    config: MeshConfig, group: WorkloadGroup, dataplane: DataplaneOptions, app_port: int | None
+) -> list[str]:
+    """The banner's lines for the request through Envoy to the demo app on ``app_port`` (None:
+    no demo app), or one line saying why there is none."""
+    found = mesh_port(config, group)
+    if found is None:
+        return ["  (no service with a VIP and an HTTP port selects the group: no mesh request)"]
+    service, port = found
+    lines = [
+        f"  {mesh_request(service.host, dataplane.outbound_bind, port.number)}",
+        "      # through Envoy, Istio mTLS, Envoy again, to the demo app: prints the SPIFFE ID"
+        " the app saw",
+    ]
+    target = group.ports.get(port.name, port.number)
+    if app_port is not None and app_port != target:
+        lines.append(
+            f"      # but Envoy forwards it to 127.0.0.1:{target} (the group's template port "
+            f"{port.name!r}), not to the demo app's {app_port}: set template.ports.{port.name}: "
+            f"{app_port} in {group.source or 'the config'}"
+        )
+    return lines
