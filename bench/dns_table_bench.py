@@ -97,6 +97,18 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return found["VmRSS"], found["VmHWM"]
 
 
+def rss_parts_mb(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile) of ``pid`` in MB: the process's own memory, and the pages of the
+    files it maps (shared libraries: grpc, cryptography, libpython, ...)."""
+    found = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                found[key] = int(value.split()[0]) * 1024 / 1e6
+    return found["RssAnon"], found["RssFile"]
+
+
 # --- the steady-rate client ----------------------------------------------------------------
 
 
@@ -126,6 +138,7 @@ class Client:
     port: int
     services: int
     rate: float
+    host: str = LOOPBACK
     samples: list[Sample] = field(default_factory=list)
     _pending: dict[int, tuple[float, int]] = field(default_factory=dict)
     _next_id: int = 1
@@ -134,7 +147,7 @@ class Client:
     def __post_init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
-        self.sock.connect((LOOPBACK, self.port))
+        self.sock.connect((self.host, self.port))
         self._next_send = time.monotonic()
 
     def run_until(self, deadline: float, stop_when_version: int | None = None) -> float | None:
@@ -344,6 +357,7 @@ def agent_mode(args: argparse.Namespace, workdir: Path) -> int:
         e2e.wait_for(lambda: agent.resolve(name) == want, args.timeout + 60, "the table")
         time.sleep(args.settle)
         rss, hwm = rss_mb(proc.popen.pid)
+        anon, mapped = rss_parts_mb(proc.popen.pid)
         entries = int(agent.status()["dns"]["counters"]["table_entries"])
     finally:
         world.close()
@@ -351,6 +365,7 @@ def agent_mode(args: argparse.Namespace, workdir: Path) -> int:
     print(f"agent idle with {entries} table entries:")
     print(f"{'RSS, vmagent run (idle)':<28}{rss:>7.0f} MB  <= {TARGET_AGENT_RSS_MB:g} MB  "
           f"{verdict(rss <= TARGET_AGENT_RSS_MB)}")  # fmt: skip
+    print(f"{'  of it RssAnon / RssFile':<28}{anon:>7.0f} / {mapped:.0f} MB")
     print(f"{'peak RSS (VmHWM)':<28}{hwm:>7.0f} MB")
     return 0
 
@@ -364,12 +379,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30, help="max seconds for a load (30)")
     parser.add_argument("--agent", action="store_true", help="measure the full agent's RSS")
     parser.add_argument("--agent-services", type=int, default=10_000, help="(10000)")
+    parser.add_argument(
+        "--nds", action="store_true", help="push --services to `vmagent run` over NDS"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--agent-env", action="append", default=[], metavar="KEY=VALUE",
+        help="extra environment for the agent (--nds), e.g. MALLOC_ARENA_MAX=2",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="dns-table-bench-"))
-    mode = "agent" if args.agent else "dns serve"
+    mode = "agent" if args.agent else "nds" if args.nds else "dns serve"
     print(f"dns_table_bench ({mode}): {os.cpu_count()} CPUs, work dir {workdir}", flush=True)
     try:
+        if args.nds:
+            from dns_table_nds import nds_mode
+
+            return nds_mode(args, workdir)
         return agent_mode(args, workdir) if args.agent else serve_mode(args, workdir)
     finally:
         if not args.keep:

@@ -192,7 +192,8 @@ class Devmesh:
 
     def mint_token(self) -> str:
         authority = Authority.load_or_create(self.keydir, "cluster.local", time.time())
-        return authority.mint_token(NAMESPACE, SERVICE_ACCOUNT, time.time())
+        token: str = authority.mint_token(NAMESPACE, SERVICE_ACCOUNT, time.time())
+        return token
 
     def registered(self, name: str) -> bool:
         entries = http_json(f"{self.debug_url}/debug/registry").get("workloadEntries") or []
@@ -273,6 +274,7 @@ def agent_home(
         ISTIO_SVC_IP=ip,
         ISTIO_META_AUTO_REGISTER_GROUP=GROUP,
         ISTIO_META_DNS_CAPTURE="true",
+        VMAGENT_CAPTURE="false",  # no iptables on the bench host
         ISTIO_META_CLUSTER_ID="Kubernetes",
         ISTIO_META_WORKLOAD_NAME=GROUP,
         ISTIO_METAJSON_LABELS=json.dumps({"app": GROUP}),

@@ -60,7 +60,7 @@ def test_envoy_on_joins_readiness_and_the_health_pre_check(tmp_path: Path) -> No
 
 
 def test_a_bad_envoy_setting_is_a_configuration_error_naming_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="ProxyConfig proxyAdminPort: expected a whole number"):
+    with pytest.raises(ConfigError, match="PROXY_CONFIG: proxyAdminPort: expected a whole number"):
         agent(tmp_path, PROXY_CONFIG="discoveryAddress: 127.0.0.1:15012\nproxyAdminPort: abc")
 
 

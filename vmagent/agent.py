@@ -26,10 +26,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmagent import __version__
-from vmagent.agent_envoy import DataPlane
+from vmagent.agent_capture import AgentCapture
 from vmagent.cli import run_async
 from vmagent.config import Config, ConfigError, load_config
 from vmagent.config_values import split_host_port
@@ -41,6 +41,9 @@ from vmagent.health import HealthChecker, ProbeSpecError, parse_probe
 from vmagent.identity import CertificateManager, CredentialError, create_manager
 from vmagent.proxyconfig import parse_proxy_config_env
 from vmagent.status import ReadinessLog, StatusServer
+from vmagent.status.metrics import AgentMetrics, EnvoyAdmin
+from vmagent.status.notify import Notifier
+from vmagent.status.view import workload_entry_name
 from vmagent.supervisor import Part, Supervisor
 from vmagent.xds import (
     ChannelAuth,
@@ -51,6 +54,9 @@ from vmagent.xds import (
     build_node,
     upstream_kind,
 )
+
+if TYPE_CHECKING:
+    from vmagent.agent_envoy import DataPlane
 
 log = logging.getLogger("vmagent")
 
@@ -76,9 +82,17 @@ class Agent:
             kind=upstream_kind(config),
             on_nds=self._apply_nds,
         )
+        self.capture = AgentCapture(config)  # iptables capture when cluster.env asks
         # Envoy's SDS, xDS proxy and supervisor; None: DNS and identity only.
-        self.dataplane = DataPlane(config, node, self.xds) if config.vmagent_envoy else None
-        self.status = StatusServer(self.state, ndsz=self.dns.table_document)
+        self.dataplane: DataPlane | None = None
+        if config.vmagent_envoy:  # imported only then: Envoy's modules are ~3 MB of RSS
+            from vmagent.agent_envoy import DataPlane
+
+            self.dataplane = DataPlane(config, node, self.xds)
+        self.metrics = AgentMetrics(self.state, self._envoy_admin)
+        self.status = StatusServer(
+            self.state, ndsz=self.dns.table_document, metrics=self.metrics.render
+        )
         probe = config.proxy_config.readiness_probe
         pre_checks = [self.dataplane.pre_check] if self.dataplane else []
         self.health = (
@@ -94,6 +108,7 @@ class Agent:
         self._started = time.time()
         self.final_health: Health | None = Health(False, "vmagent is stopping")
         self._have_cert = asyncio.Event()
+        self.notify = Notifier(os.environ)  # systemd's Type=notify, when under systemd
 
     # --- parts ---
 
@@ -194,13 +209,20 @@ class Agent:
         """Serve until ``stop`` is set. Raises OSError when a listen address is taken, and the
         supervisor's ConfigError when a part finds a permanent misconfiguration."""
         os.makedirs(self.config.vmagent_state_dir, mode=0o755, exist_ok=True)
+        self.capture.prepare()  # before any socket: the exempt gid
         try:
-            await self.dns.start()
+            try:
+                await self.dns.start()
+            except OSError as exc:  # name what moves it, as the status endpoint's error does
+                hint = self.config.listen_hint("DNS_PROXY_ADDR", "HOST:PORT[,HOST:PORT]")
+                raise OSError(exc.errno, f"{exc.strerror or exc}; {hint}") from None
             self._log_startup()
+            await self.capture.start()  # DNS listens (the watchdog's probe); Envoy not yet
             await self._listen_status()
             if self.dataplane is not None:
                 await self.dataplane.start()
         except BaseException:
+            await self.capture.stop()
             await self.status.close()
             await self.dns.close()
             raise
@@ -216,12 +238,14 @@ class Agent:
             parts["envoy"] = self.dataplane.run
         supervised = asyncio.ensure_future(self.supervisor.run(parts))
         readiness = asyncio.ensure_future(self._log_readiness())
+        notifying = asyncio.ensure_future(self.notify.run(self.not_ready))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([supervised, stopping], return_when=asyncio.FIRST_COMPLETED)
             if supervised.done():
                 supervised.result()  # a permanent error stopped the parts: raise it
             if self.final_health is not None:
+                self.notify.stopping()
                 log.info("stopping: reporting unhealthy, then closing the control-plane stream")
             await self.xds.close(self.final_health)
             if self.dataplane is not None:  # before the upstream stream closes
@@ -229,12 +253,13 @@ class Agent:
                     self.dataplane.kill() if self.final_health is None else self.dataplane.drain()
                 )
         finally:
-            for task in (supervised, readiness, stopping):
+            for task in (supervised, readiness, notifying, stopping):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if self.dataplane is not None:
                 await self.dataplane.close()
+            await self.capture.stop()  # before DNS closes: no redirect to a dead port
             await self.status.close()
             await self.dns.close()
 
@@ -263,6 +288,11 @@ class Agent:
 
     # --- state ---
 
+    def _envoy_admin(self) -> EnvoyAdmin | None:
+        """Envoy's admin client while Envoy is LIVE (for /stats/prometheus), else None."""
+        envoy = self.dataplane.envoy if self.dataplane is not None else None
+        return envoy.admin if envoy is not None and envoy.live else None
+
     def not_ready(self) -> list[str]:
         reasons = []
         bundle = self.identity.current if self.identity else None
@@ -281,7 +311,16 @@ class Agent:
         reasons = self.not_ready()
         return {
             "version": __version__,
-            "node": {"id": self.node.id, "ips": list(self.node.ips)},
+            "node": {
+                "id": self.node.id,
+                "ips": list(self.node.ips),
+                "workload_entry": workload_entry_name(
+                    str(self.node.metadata.get("AUTO_REGISTER_GROUP") or ""),
+                    self.node.ips,
+                    self.node.namespace,
+                    str(self.node.metadata.get("NETWORK") or ""),
+                ),
+            },
             "started": self._started,
             "ready": not reasons,
             "not_ready": reasons,
@@ -358,7 +397,12 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
 
 def reload_config(args: argparse.Namespace) -> Config:
     overrides = args.overrides(args) if getattr(args, "overrides", None) else None
-    return load_config(os.environ, overrides=overrides, cluster_env=args.cluster_env)
+    return load_config(
+        os.environ,
+        overrides=overrides,
+        cluster_env=args.cluster_env,
+        flags=getattr(args, "flags", None),
+    )
 
 
 async def serve(agent: Agent, reload: Callable[[], Config]) -> int:

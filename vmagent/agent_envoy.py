@@ -8,21 +8,26 @@ crash with backoff (:class:`vmagent.envoy.EnvoySupervisor`). An Envoy crash stay
 part: the upstream stream, DNS and health reporting carry on (docs/xds-proxy.md).
 
 Stop (SIGTERM): the agent reports unhealthy, then :meth:`DataPlane.drain` (drain listeners,
-``terminationDrainDuration``, SIGTERM, SIGKILL), then the upstream stream closes, then
-:meth:`DataPlane.close`. A reload (SIGHUP) uses :meth:`DataPlane.kill` instead: the next
-agent starts a fresh Envoy at once."""
+``terminationDrainDuration``, :meth:`DataPlane.close`, SIGTERM, SIGKILL), then the upstream
+stream closes. ``close`` before Envoy's SIGTERM ends the SDS and xDS streams with status OK
+(Envoy logs that at debug level); left open, Envoy's own shutdown cuts them and warns
+``StreamSecrets gRPC config stream to sds-grpc closed: 13, ...`` for each. A reload (SIGHUP)
+uses :meth:`DataPlane.kill` instead: the next agent starts a fresh Envoy at once."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmagent.config import Config, ConfigError
 from vmagent.envoy import EnvoyBinaryError, EnvoyConfigError, EnvoySupervisor, envoy_options
 from vmagent.envoy.binary import resolve_binary
+from vmagent.envoy.bootstrap import loopback, wildcard
+from vmagent.envoy.options import EnvoyOptions
 from vmagent.health import ProbeResult
 from vmagent.identity.certs import CertBundle
 from vmagent.identity.sds import SdsServer
@@ -66,6 +71,7 @@ class DataPlane:
         except EnvoyConfigError as exc:
             raise ConfigError(str(exc)) from None
         self.node = node
+        self.config = config
         self.certs = CertRelay()
         self.proxy = XdsProxy(client)
         self.sds = SdsServer(self.certs, self.options.sds_socket)
@@ -81,13 +87,22 @@ class DataPlane:
             )
         except EnvoyBinaryError as exc:
             raise ConfigError(f"{exc}; or set VMAGENT_ENVOY=false to run without Envoy") from None
+        check_envoy_ports(self.config, opts, self.node.ips)
         self.envoy = EnvoySupervisor(opts, self.node, binary)
+        # End SDS/xDS streams after the drain, before SIGTERM: quiet in Envoy's log.
+        self.envoy.before_terminate = self.close
         log.info("envoy: %s (version %s)", binary.path, binary.version_text)
         try:
             await self.sds.start()
             await self.proxy.start(opts.xds_socket)
-        except BaseException:
+        except BaseException as exc:
             await self.close()
+            if isinstance(exc, (OSError, RuntimeError)):  # grpc: "Failed to bind to address"
+                raise OSError(
+                    getattr(exc, "errno", None),
+                    f"cannot listen on the SDS/xDS sockets in {opts.sds_socket.rpartition('/')[0]}"
+                    f": {exc}; set VMAGENT_RUN_DIR to a directory this agent can use",
+                ) from None
             raise
 
     async def run(self) -> None:
@@ -128,3 +143,32 @@ class DataPlane:
     def status(self) -> dict[str, Any]:
         """``envoy`` of ``/status``: see EnvoySupervisor.status (None before :meth:`start`)."""
         return self.envoy.status() if self.envoy is not None else {"state": "not started"}
+
+
+def check_envoy_ports(config: Config, opts: EnvoyOptions, node_ips: Sequence[str]) -> None:
+    """Envoy only logs a port it cannot bind (and never gets ready, restarted forever): bind
+    each of its agent ports first, as Envoy will (SO_REUSEADDR: only a live listener counts).
+    Raises OSError naming the port's setting."""
+    listen = opts.listen_address or wildcard(node_ips)
+    wanted = [
+        (loopback(node_ips), opts.admin_port, "Envoy admin", "ProxyConfig proxyAdminPort"),
+        (listen, opts.readiness_port, "Envoy readiness", "VMAGENT_ENVOY_READINESS_PORT"),
+        (listen, opts.prometheus_port, "Envoy Prometheus", "VMAGENT_ENVOY_PROMETHEUS_PORT"),
+    ]
+    for host, port, what, key in wanted:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                probe.listen()
+            except OSError as exc:
+                hint = (
+                    f"stop the process that holds it or set {key} (mesh.yaml or PROXY_CONFIG)"
+                    if key.startswith("ProxyConfig")
+                    else config.listen_hint(key, "PORT")
+                )
+                raise OSError(
+                    exc.errno,
+                    f"cannot listen on {host} port {port} ({what}): {exc.strerror}; {hint}",
+                ) from None

@@ -3,7 +3,9 @@
 Each component registers its own subcommands (``vmagent/<component>/command.py``). A subcommand
 sets two defaults on its parser: ``run(args, config) -> int`` and, optionally,
 ``overrides(args) -> dict[str, str]`` mapping flags to setting names, so flags take precedence
-over the environment and ``cluster.env`` in the one :class:`~vmagent.config.Config`.
+over the environment and ``cluster.env`` in the one :class:`~vmagent.config.Config`; and
+``flags``, setting name -> flag (``{"DNS_PROXY_ADDR": "--listen HOST:PORT"}``), so errors name
+the flag the user typed.
 """
 
 from __future__ import annotations
@@ -32,10 +34,20 @@ _COMMAND_MODULES = {
     "run": "vmagent.agent",
     "dns": "vmagent.dns.command",
     "identity": "vmagent.identity.command",
+    "status": "vmagent.status.command",
     "devmesh": "vmagent.devmesh.command",
     "dev": "vmagent.devmesh.dev",
+    "capture": "vmagent.capture.command",
 }
 _VALUED_OPTIONS = ("--cluster-env", "--log-level")  # global options that take the next word
+
+
+class _DefaultLevel(str):
+    """``--log-level``'s default ("info"), told apart from an explicit ``--log-level info``
+    so that ``$VMAGENT_LOG_LEVEL`` applies only when the flag is absent."""
+
+
+_DEFAULT_LEVEL = _DefaultLevel("info")
 
 
 def _registrars(command: str | None = None) -> list[Registrar]:
@@ -147,9 +159,9 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool = False)
     )
     parser.add_argument(
         "--log-level",
-        default=default("info"),
+        default=default(_DEFAULT_LEVEL),
         choices=["debug", "info", "warning", "error"],
-        help="default info",
+        help="default: $VMAGENT_LOG_LEVEL, else info",
     )
 
 
@@ -203,8 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    import logging
-
     from vmagent.config import ConfigError, load_config
 
     words = sys.argv[1:] if argv is None else argv
@@ -216,11 +226,14 @@ def _main(argv: Sequence[str] | None) -> int:
         # exit (2).
         args.help_parser.print_help()
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from vmagent.status.journal import configure_logging, log_level
+
+    try:  # the flag, else $VMAGENT_LOG_LEVEL; journald's format when stderr is the journal
+        flag = None if isinstance(args.log_level, _DefaultLevel) else args.log_level
+        configure_logging(log_level(flag, os.environ), os.environ, sys.stderr)
+    except ValueError as exc:
+        print(f"vmagent: configuration error: {exc}", file=sys.stderr)
+        return 2
     overrides_of: Callable[[argparse.Namespace], dict[str, Any]] | None = getattr(
         args, "overrides", None
     )
@@ -229,6 +242,7 @@ def _main(argv: Sequence[str] | None) -> int:
             os.environ,
             overrides=overrides_of(args) if overrides_of else None,
             cluster_env=args.cluster_env,
+            flags=getattr(args, "flags", None),  # key -> flag, so errors name the flag
         )
     except ConfigError as exc:
         print(f"vmagent: configuration error: {exc}", file=sys.stderr)

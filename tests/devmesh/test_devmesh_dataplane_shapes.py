@@ -173,7 +173,9 @@ def test_listeners_capture_outbound_and_terminate_mtls_inbound() -> None:
     assert hcm_of(port80.filter_chains[0]).rds.route_config_name == "80"
 
     inbound = listeners["virtualInbound"]
-    assert inbound.address.socket_address.port_value == 15006 and inbound.use_original_dst.value
+    # No hand-off to an outbound 0.0.0.0_<port> listener (tests/e2e/test_e2e_two_vms.py).
+    assert inbound.address.socket_address.port_value == 15006
+    assert not inbound.use_original_dst.value
     assert [f.name for f in inbound.listener_filters] == [
         "envoy.filters.listener.original_dst",
         "envoy.filters.listener.tls_inspector",

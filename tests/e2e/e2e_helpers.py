@@ -463,6 +463,8 @@ class Agent:
             # Envoy only where a test asks for it (test_e2e_envoy.py, in a network namespace
             # of its own: devmesh's listeners use the fixed ports 15001/15006).
             VMAGENT_ENVOY="false",
+            # No iptables on the test host (test_e2e_two_vms.py captures in its namespaces).
+            VMAGENT_CAPTURE="false",
         )
         if self.onboarding is not None:
             env[CLUSTER_ENV_VAR] = str(self.onboarding / "cluster.env")

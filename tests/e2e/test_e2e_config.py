@@ -27,7 +27,7 @@ def _run_agent(tmp_path: Path, **env: str) -> tuple[int, str]:
         VMAGENT_CLUSTER_ENV=os.devnull,
         VMAGENT_MESH_CONFIG=os.devnull,
         VMAGENT_STATUS_ADDR="127.0.0.1:1",
-        DNS_PROXY_ADDR="127.0.0.1:1",
+        DNS_PROXY_ADDR="127.0.0.1:2",  # not the status port: the ports of one agent differ
         ISTIO_SVC_IP="10.20.30.40",
         CA_ADDR="127.0.0.1:1",
     )

@@ -77,7 +77,7 @@ def _run(env: dict[str, str]) -> tuple[int, str]:
 def test_a_grace_ratio_of_seven_exits_2_naming_key_source_and_range(tmp_path: Path) -> None:
     code, stderr = _run(_base_env(tmp_path, SECRET_GRACE_PERIOD_RATIO="7"))
     assert code == 2, stderr
-    assert "SECRET_GRACE_PERIOD_RATIO='7' (from env): must be between 0.01 and 0.99" in stderr
+    assert "SECRET_GRACE_PERIOD_RATIO='7' (from env): must be between 0 and 1" in stderr
     assert "Traceback" not in stderr
 
     cluster_env = tmp_path / "cluster.env"

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from envoy_helpers import make_config, make_node
 
-from vmagent.envoy import EnvoyConfigError, build_bootstrap, command_line, envoy_options
+from vmagent.config import ConfigError
+from vmagent.envoy import build_bootstrap, command_line, envoy_options
 from vmagent.envoy.binary import resolve_binary
 from vmagent.envoy.bootstrap import all_ipv6, split_log_level
 from vmagent.identity.sds import sds_socket_path
@@ -173,7 +174,8 @@ def test_bad_proxy_config_values_name_the_key(tmp_path: Path) -> None:
         ("terminationDrainDuration: -5s", "terminationDrainDuration"),
         ("proxyAdminPort: -1", "proxyAdminPort"),
     ):
-        with pytest.raises(EnvoyConfigError, match=f"ProxyConfig {key}"):
+        # Checked when the configuration loads (vmagent/proxyconfig.py), naming the source.
+        with pytest.raises(ConfigError, match=f"PROXY_CONFIG: {key}"):
             envoy_options(make_config(tmp_path, PROXY_CONFIG=text))
 
 

@@ -103,7 +103,11 @@ def test_opaque_token_reaches_the_ca_as_is(tmp_path: Path) -> None:
             "errors resolving istiod.istio-system.svc:15012: [field:hostname lookup error:"
             "address lookup failed for istiod.istio-system.svc:15012: Domain name not found]",
             DNS,
-            ["cannot resolve 'istiod.istio-system.svc'", "`hosts` file from onboarding"],
+            [
+                "cannot resolve the CA address 'istiod.istio-system.svc' (CA_ADDR)",
+                "the line for istiod.istio-system.svc from the onboarding `hosts` file",
+                "to /etc/hosts",
+            ],
         ),
         (
             "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Custom "

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import time
 from pathlib import Path
 
 import pytest
 
-from vmagent.identity import rotation
+from vmagent.identity import create_manager, rotation
 
-from .helpers import agent, ca_settings, running_ca
+from .helpers import agent, agent_values, ca_settings, make_config, running_ca
 from .test_ca_failures import start_faulty
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,7 +92,9 @@ def test_short_lived_certificates_from_the_dev_ca_are_not_a_hot_loop(tmp_path: P
             (tmp_path / "istio-token").write_text(
                 ca.authority.mint_token("shop", "cart", time.time())
             )
-            manager = await agent(tmp_path, ca, SECRET_TTL="1s")
+            # SECRET_TTL below 10s is refused at load: ask for 1 s behind the config's back.
+            config = make_config(tmp_path, **agent_values(tmp_path, ca))
+            manager = await create_manager(dataclasses.replace(config, secret_ttl=1.0), {})
             manager.schedule = rotation.Schedule(7.0, 0.0)
             task = asyncio.ensure_future(manager.run())
             try:

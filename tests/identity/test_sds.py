@@ -290,7 +290,7 @@ def test_real_envoy_serves_our_certs_and_the_rotated_one_without_restart(tmp_pat
     port = free_port()
 
     async def scenario() -> None:
-        async with serving_agent(tmp_path, SECRET_TTL="8s") as (ca, manager, sock):
+        async with serving_agent(tmp_path, SECRET_TTL="10s") as (ca, manager, sock):
             config = tmp_path / "envoy.json"
             config.write_text(json.dumps(envoy_bootstrap(sock, port)))
             log = (tmp_path / "envoy.log").open("wb")
@@ -313,7 +313,7 @@ def test_real_envoy_serves_our_certs_and_the_rotated_one_without_restart(tmp_pat
 
                 first_serial = served.serial_number
                 rotated = served
-                for _ in range(60):  # certs live 8s and rotate after 5s (the CSR floor)
+                for _ in range(60):  # certs live 10s (the shortest SECRET_TTL) and rotate after 5s
                     await asyncio.sleep(0.25)
                     rotated, _ = await asyncio.to_thread(https_get, context, port)
                     if rotated.serial_number != first_serial:

@@ -23,11 +23,11 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from vmagent._compat import TaskGroup
 from vmagent.devmesh.ads import AdsServicer
-from vmagent.devmesh.dataplane_model import DataplaneOptions
+from vmagent.devmesh.dataplane_model import DataplaneOptions, move_group_ports
 from vmagent.devmesh.debug import DebugServer
 from vmagent.devmesh.registry import DEFAULT_GRACE
 from vmagent.devmesh.server import bind_error
-from vmagent.devmesh.services import ConfigFileError, fingerprint, load_directory
+from vmagent.devmesh.services import ConfigFileError, MeshConfig, fingerprint, load_directory
 from vmagent.devmesh.state import MeshState
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class ControlPlane:
         self.settings = settings
         self.clock = clock
         self.state = MeshState(
-            load_directory(settings.config_dir),
+            self._load(),
             grace=settings.grace,
             auto_allocate=settings.auto_allocate,
         )
@@ -77,15 +77,23 @@ class ControlPlane:
     def add_to_server(self, server: grpc.aio.Server) -> None:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, server)
 
+    def _load(self) -> MeshConfig:
+        """The config directory, with ``vmagent dev --app-port``'s moves applied."""
+        config = load_directory(self.settings.config_dir)
+        return move_group_ports(config, self.settings.dataplane.port_moves)
+
     def reload(self) -> bool:
         """Re-read the config directory; on error keep the old config and record the error."""
         try:
-            config = load_directory(self.settings.config_dir)
+            config = self._load()
         except ConfigFileError as exc:
             self.state.config_error = str(exc)
             log.error("mesh config not reloaded, keeping the previous one: %s", exc)
             return False
-        deleted, registered = self.state.set_config(config, self.clock())
+        deleted, registered, refreshed = self.state.set_config(config, self.clock())
+        for entry in refreshed:
+            log.info("WorkloadEntry %s/%s ports now %s (its group's template)",
+                     entry.namespace, entry.name, dict(entry.ports))  # fmt: skip
         for entry in deleted:
             log.info("WorkloadEntry %s/%s deleted: its group is gone", entry.namespace, entry.name)
         for entry in registered:

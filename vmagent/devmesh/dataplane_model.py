@@ -21,7 +21,7 @@ picks the app port from the SNI the client sends; see :mod:`~vmagent.devmesh.lis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vmagent.devmesh.nametable import ROOT_NAMESPACE, visible
 from vmagent.devmesh.node import ProxyNode
@@ -43,6 +43,49 @@ class DataplaneOptions:
     outbound_port: int = 15001
     inbound_port: int = 15006
     outbound_bind: str = "127.0.0.1"
+    # ``vmagent dev --app-port``: the app of a group listens elsewhere than its template says.
+    port_moves: tuple[PortMove, ...] = ()
+
+
+@dataclass(frozen=True)
+class PortMove:
+    """Group ``namespace/group``'s workload port ``old`` is really ``new`` (the demo app moved
+    by ``vmagent dev --app-port``): its template ports, so the WorkloadEntry, the endpoints
+    and the inbound cluster (``inbound|new||``) all say ``new``."""
+
+    namespace: str
+    group: str
+    old: int
+    new: int
+
+
+def move_group_ports(config: MeshConfig, moves: Sequence[PortMove]) -> MeshConfig:
+    """``config`` with each move applied to its group's template ports: a port numbered
+    ``old`` becomes ``new``, and a port of a selecting service that the template does not
+    name and that would default to ``old`` (the service port) is added as ``new``. Applied
+    on every load, so it survives config reloads."""
+    if not moves:
+        return config
+    groups = []
+    for group in config.groups:
+        ports = dict(group.ports)
+        labels = {**group.template_labels, **group.labels}
+        selecting = [
+            s
+            for s in config.services
+            if s.workload_selector is not None
+            and s.namespace == group.namespace
+            and all(labels.get(k) == v for k, v in s.workload_selector.items())
+        ]
+        for move in moves:
+            if (move.namespace, move.group) != (group.namespace, group.name):
+                continue
+            ports = {name: move.new if n == move.old else n for name, n in ports.items()}
+            for port in (p for s in selecting for p in s.ports):
+                if port.name not in ports and port.number == move.old:
+                    ports[port.name] = move.new
+        groups.append(replace(group, ports=ports) if ports != dict(group.ports) else group)
+    return replace(config, groups=tuple(groups))
 
 
 @dataclass(frozen=True)

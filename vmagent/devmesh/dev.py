@@ -31,9 +31,9 @@ from vmagent.config import Config, ConfigError, load_config
 from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
 from vmagent.devmesh.dataplane_model import DataplaneOptions
 from vmagent.devmesh.demoapp import DemoApp, start_demo_app
-from vmagent.devmesh.dev_envoy import check_envoy_ports, mesh_request_lines
+from vmagent.devmesh.dev_envoy import app_port_move, check_envoy_ports, mesh_request_lines
 from vmagent.devmesh.serve import DevMesh, running_devmesh
-from vmagent.devmesh.services import ConfigFileError, WorkloadGroup
+from vmagent.devmesh.services import ConfigFileError, WorkloadGroup, load_directory
 from vmagent.devmesh.settings import DevCaSettings
 from vmagent.health import ProbeSpecError
 from vmagent.identity.store import atomic_write
@@ -51,7 +51,8 @@ ports (every one can move; defaults in brackets):
                                                                 localhost:15053]
   --status-listen HOST:PORT  the agent's status endpoint       [$VMAGENT_STATUS_ADDR, else
                                                                 127.0.0.1:15020]
-  --app-port PORT            the demo app on 127.0.0.1; the agent's readiness probe follows it
+  --app-port PORT            the demo app on 127.0.0.1; the agent's readiness probe and the
+                             group's template port (where Envoy's inbound forwards) follow it
                              [the WorkloadGroup probe's port: 8080 in the example]
 Envoy's ports (VMAGENT_ENVOY=false: no Envoy):
   --envoy-admin-port PORT    admin on 127.0.0.1 (ProxyConfig proxyAdminPort)          [15000]
@@ -83,7 +84,8 @@ def register(commands: Any) -> None:
         help="run a development mesh, a demo app and the agent on this machine",
         description="Start devmesh (CA + xDS control plane) from a config directory, a demo "
         "app for the\nWorkloadGroup's probe, and vmagent registered into that group, with its "
-        "DNS proxy.\nEdit the config directory while it runs: the DNS proxy follows.",
+        "DNS proxy and Envoy.\nThe banner shows a request through Envoy with mTLS to the demo "
+        "app. Edit the config\ndirectory while it runs: the DNS proxy and Envoy follow.",
         epilog=PORTS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -184,12 +186,16 @@ async def run_dev(args: argparse.Namespace) -> int:
     ca_settings = DevCaSettings(
         trust_domain="cluster.local", directory=str(workdir / "devmesh"), listen=args.listen
     )
+    first = load_directory(str(config_dir))
+    wanted = first.group(namespace, group_name)
+    move = app_port_move(first, wanted, args.app_port) if wanted else None
     dataplane = DataplaneOptions(
         capture=False,  # no iptables yet: listeners are called directly
         listen_address=ip,
         outbound_port=args.outbound_port or DataplaneOptions.outbound_port,
         inbound_port=args.inbound_port or DataplaneOptions.inbound_port,
         outbound_bind=args.outbound_bind,
+        port_moves=(move,) if move else (),
     )
     settings = ControlPlaneSettings(
         config_dir=str(config_dir), debug_listen=args.debug_listen, dataplane=dataplane
@@ -205,7 +211,9 @@ async def run_dev(args: argparse.Namespace) -> int:
         try:
 
             def reload() -> Config:
-                return load_config(os.environ, overrides=overrides, cluster_env=os.devnull)
+                return load_config(
+                    os.environ, overrides=overrides, cluster_env=os.devnull, flags=DEV_FLAGS
+                )
 
             agent = build_agent(reload())
             through_envoy: list[str] = []
@@ -223,11 +231,22 @@ async def run_dev(args: argparse.Namespace) -> int:
                 await app.close()
 
 
+# Settings `vmagent dev`'s flags move, with the flags' spelling (configuration errors name them).
+DEV_FLAGS = {
+    "DNS_PROXY_ADDR": "--dns-listen HOST:PORT",
+    "VMAGENT_STATUS_ADDR": "--status-listen HOST:PORT",
+    "VMAGENT_ENVOY_READINESS_PORT": "--readiness-port PORT",
+    "VMAGENT_ENVOY_PROMETHEUS_PORT": "--prometheus-port PORT",
+}
+
+
 def _with_flag(message: str, config: Config) -> str:
     """The agent's bind error, plus the ``vmagent dev`` flag that moves the port it names."""
     flags = [(address, "--dns-listen") for address in config.dns_proxy_addr]
     flags.append((config.vmagent_status_addr, "--status-listen"))
     for address, flag in flags:
+        if flag in message:  # the agent's message already names the flag (Config.flags)
+            return message
         port = address.rpartition(":")[2]
         if f":{port}" in message or f"port {port}" in message or f"', {port})" in message:
             return f"{message} (vmagent dev: move it with {flag} HOST:PORT)"
@@ -295,6 +314,7 @@ def _prepare_agent(
         "ISTIO_SVC_IP": ip,
         "ISTIO_META_AUTO_REGISTER_GROUP": group.name,
         "ISTIO_META_DNS_CAPTURE": "true",
+        "VMAGENT_CAPTURE": "false",  # the no-capture data plane: no iptables on the host
         "ISTIO_META_CLUSTER_ID": "Kubernetes",
         "ISTIO_META_WORKLOAD_NAME": group.name,
         "ISTIO_METAJSON_LABELS": json.dumps(dict(group.labels)),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 
 from vmagent.config import Config
-from vmagent.devmesh.dataplane_model import DataplaneOptions, is_http
+from vmagent.devmesh.dataplane_model import DataplaneOptions, PortMove, is_http
 from vmagent.devmesh.demoapp import WHOAMI
 from vmagent.devmesh.server import bind_error
 from vmagent.devmesh.services import MeshConfig, Port, Service, WorkloadGroup
@@ -29,6 +29,28 @@ def mesh_port(config: MeshConfig, group: WorkloadGroup) -> tuple[Service, Port] 
                 if is_http(port):
                     return service, port
     return None
+
+
+def app_port_move(
+    config: MeshConfig, group: WorkloadGroup, app_port: int | None
+) -> PortMove | None:
+    """``--app-port``: the group's workload port the demo app stood for (its probe's port,
+    else the banner service's target port) moves to ``app_port``, so Envoy's inbound
+    forwards where the app listens and the banner's request works unchanged."""
+    if app_port is None:
+        return None
+    old: int | None = None
+    for kind in ("httpGet", "http_get", "tcpSocket", "tcp_socket"):
+        check = (group.probe or {}).get(kind)
+        if isinstance(check, dict) and isinstance(check.get("port"), int):
+            old = int(check["port"])
+            break
+    if old is None:
+        found = mesh_port(config, group)
+        old = group.ports.get(found[1].name, found[1].number) if found else None
+    if old is None or old == app_port:
+        return None
+    return PortMove(group.namespace, group.name, old, app_port)
 
 
 def check_envoy_ports(config: Config, mesh: MeshConfig, dataplane: DataplaneOptions) -> None:

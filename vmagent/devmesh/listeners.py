@@ -8,7 +8,7 @@ listeners) builds them, trimmed (JSON-ready dicts).
   connection manager using route configuration ``<port>`` over ADS (RDS).
 - ``<vip>_<port>`` per outbound TCP service port and VIP (``bind_to_port: false``): TCP proxy
   to the service's cluster.
-- ``virtualInbound`` on ``0.0.0.0:15006`` with ``use_original_dst``, ``original_dst`` and
+- ``virtualInbound`` on ``0.0.0.0:15006`` (no hand-off), ``original_dst`` and
   ``tls_inspector`` listener filters: per inbound port a filter chain matching the destination
   port, TLS and Istio's mTLS ALPNs terminates Istio mTLS with the SDS certificates and forwards
   to ``inbound|<port>||``. HTTP ports use an HTTP connection manager with
@@ -183,7 +183,11 @@ def virtual_inbound(items: Sequence[InboundPort], options: DataplaneOptions) -> 
     return {
         "name": VIRTUAL_INBOUND,
         "address": _address(options.listen_address, options.inbound_port),
-        "use_original_dst": options.capture,
+        # No hand-off: the original_dst filter restores the destination for the chains'
+        # destination_port match; a hand-off would give VM-IP:8080 to the outbound listener
+        # 0.0.0.0_8080 (bind_to_port false) of a service on the same port, which speaks
+        # plaintext HTTP (seen with two VMs: tests/e2e/test_e2e_two_vms.py).
+        "use_original_dst": False,
         "traffic_direction": "INBOUND",
         "listener_filters": ([original_dst] if options.capture else []) + [tls_inspector],
         "filter_chains": [_inbound_chain(item, options) for item in items],

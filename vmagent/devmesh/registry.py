@@ -282,6 +282,22 @@ class Registry:
             back.append(entry)
         return back
 
+    def refresh(self, config: MeshConfig) -> list[WorkloadEntry]:
+        """Apply the group template's ports to the entries of groups still in ``config``
+        (a template port edited while VMs stay connected reaches their WorkloadEntry, hence
+        the endpoints' ports and the proxy's own inbound cluster, without a reconnect).
+        Returns the entries that changed."""
+        changed: list[WorkloadEntry] = []
+        for key in sorted(self._entries):
+            entry = self._entries[key]
+            group = config.group(entry.namespace, entry.group)
+            if group is None or dict(group.ports) == dict(entry.ports):
+                continue
+            entry = dataclasses.replace(entry, ports=dict(group.ports))
+            self._put(entry)
+            changed.append(entry)
+        return changed
+
     def next_deadline(self) -> float | None:
         deadlines = [e.delete_at for e in self._entries.values() if e.delete_at is not None]
         return min(deadlines) if deadlines else None

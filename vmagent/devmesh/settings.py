@@ -2,7 +2,7 @@
 
 Example (every key optional)::
 
-    trustDomain: cluster.local          # default: TRUST_DOMAIN
+    trustDomain: cluster.local          # default: TRUST_DOMAIN, else cluster.local
     dir: /var/lib/vmagent/devmesh       # dev root and token keys (generated when missing)
     listen: 127.0.0.1:15012
     gce: {jwks: google-jwks.json, issuer: "https://accounts.google.com"}
@@ -26,9 +26,13 @@ from typing import Any
 
 import yaml
 
+from vmagent.identity.certs import spiffe_id_problem
 from vmagent.identity.tokens import AWS, AZURE, GCE
 
 GOOGLE_ISSUER = "https://accounts.google.com"
+# istiod's default meshConfig.trustDomain; its trust domain is never empty
+# (pkg/config/mesh/mesh.go DefaultMeshConfig), so neither is the dev CA's.
+DEFAULT_TRUST_DOMAIN = "cluster.local"
 
 
 class SettingsError(ValueError):
@@ -54,6 +58,18 @@ class DevCaSettings:
     azure_certificates: tuple[str, ...] = ()
     azure_nonce_max_age: float = 300.0
     identities: tuple[IdentityRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        """An empty trust domain (``TRUST_DOMAIN=''``, as istioctl writes cluster.env) means
+        istiod's default; one that cannot make a SPIFFE ID is refused (SettingsError)."""
+        domain = self.trust_domain.strip() or DEFAULT_TRUST_DOMAIN
+        problem = spiffe_id_problem(f"spiffe://{domain}/ns/default/sa/default")
+        if problem:
+            raise SettingsError(
+                f"trustDomain {self.trust_domain!r}: a SPIFFE trust domain is lowercase "
+                "letters, digits, '.', '-' and '_'"
+            )
+        object.__setattr__(self, "trust_domain", domain)
 
 
 def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -97,7 +113,7 @@ def parse_settings(
         raise SettingsError("identities: expected a list")
     jwks = gce.get("jwks", "")
     return DevCaSettings(
-        trust_domain=str(data.get("trustDomain", trust_domain)),
+        trust_domain=str(data.get("trustDomain") or trust_domain),
         directory=str(base / data["dir"]) if data.get("dir") else directory,
         listen=str(data.get("listen", "127.0.0.1:15012")),
         gce_jwks=str(base / jwks) if jwks else "",

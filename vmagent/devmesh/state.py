@@ -42,14 +42,17 @@ class MeshState:
 
     def set_config(
         self, config: MeshConfig, now: float
-    ) -> tuple[list[WorkloadEntry], list[WorkloadEntry]]:
-        """Install a new config; returns the entries deleted because their group went away and
-        those registered again for connected proxies because their group came back."""
+    ) -> tuple[list[WorkloadEntry], list[WorkloadEntry], list[WorkloadEntry]]:
+        """Install a new config; returns the entries deleted because their group went away,
+        those registered again for connected proxies because their group came back, and those
+        whose ports followed an edited group template."""
         self.config = config
         self.allocated = allocate_addresses(config)
         self.config_error = ""
         self.config_generation += 1
-        return self.registry.prune(config), self.registry.reregister(config, now)
+        deleted = self.registry.prune(config)
+        refreshed = self.registry.refresh(config)
+        return deleted, self.registry.reregister(config, now), refreshed
 
     def name_table(self, node: ProxyNode) -> nds_pb2.NameTable:
         return build_name_table(

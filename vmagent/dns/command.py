@@ -53,7 +53,21 @@ def register(commands: Any) -> None:
         action="store_true",
         help="allow listening on non-loopback addresses (an open resolver otherwise)",
     )
-    serve.set_defaults(run=_run_serve, overrides=_serve_overrides)
+    serve.set_defaults(run=_run_serve, overrides=_serve_overrides, flags=SERVE_FLAGS)
+
+
+# The setting each flag sets, with the flag's spelling: errors name the flag the user typed.
+SERVE_FLAGS = {
+    "DNS_PROXY_ADDR": "--listen HOST:PORT",
+    "VMAGENT_DNS_UPSTREAMS": "--upstream HOST[:PORT]",
+    "VMAGENT_DNS_SEARCH": "--search DOMAIN",
+    "VMAGENT_RESOLV_CONF": "--resolv-conf FILE",
+    "POD_NAMESPACE": "--namespace NS",
+    "VMAGENT_CLUSTER_DOMAIN": "--cluster-domain DOMAIN",
+    "VMAGENT_DNS_TTL": "--ttl SECONDS",
+    "DNS_FORWARD_PARALLEL": "--parallel",
+    "VMAGENT_DNS_ALLOW_NON_LOOPBACK": "--allow-non-loopback",
+}
 
 
 def _serve_overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -92,7 +106,11 @@ async def serve(config: Config, table_path: str) -> int:
     proxy = DnsProxy(config)
     table_file = TableFile(table_path, proxy.update_from_file)
     present = table_file.exists_at_start()
-    await proxy.start()
+    try:
+        await proxy.start()
+    except OSError as exc:  # name what moves it: --listen (or DNS_PROXY_ADDR)
+        hint = config.listen_hint("DNS_PROXY_ADDR")
+        raise OSError(exc.errno, f"{exc.strerror or exc}; {hint}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, table_file.reload_soon)

@@ -8,45 +8,54 @@ only protobuf and the generated message: the child starts in ~0.1 s."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from google.protobuf import message
 
 from vmagent._proto import nds_pb2
-from vmagent.dns.table import NameInfo, NameTableError, parse_name_table
-
-CHUNK_ENTRIES = 1000  # entries turned into dicts and checked at a time (bounded garbage)
+from vmagent.dns.table import NameInfo, NameTableError, check_host, check_ips
 
 
 def parse_nds(data: bytes) -> dict[str, NameInfo]:
     """The table in the serialized NameTable ``data``; NameTableError when it does not decode
     or an entry is invalid (the messages of :func:`~vmagent.dns.table.parse_name_table`)."""
+    return table_from_proto(_parse(data))
+
+
+def nds_entries(data: bytes) -> Mapping[str, NameInfo]:
+    """The entries of the serialized NameTable ``data`` as they decode: protobuf NameInfo
+    messages, which have :class:`NameInfo`'s fields, *unchecked*: for
+    ``build_lookup(..., strict=True)``, which checks them on the way (the table builder's
+    quick path); NameTableError when ``data`` does not decode."""
+    # Duck-typed: the messages have NameInfo's fields; the map keeps its message alive.
+    return cast("Mapping[str, NameInfo]", _parse(data).table)
+
+
+def _parse(data: bytes) -> nds_pb2.NameTable:
     table = nds_pb2.NameTable()
     try:
         table.ParseFromString(data)
     except message.DecodeError as exc:  # corrupt bytes: NACK, do not end the stream
         raise NameTableError(f"resource does not decode as a NameTable: {exc}") from None
-    return table_from_proto(table)
+    return table
 
 
 def table_from_proto(table: nds_pb2.NameTable) -> dict[str, NameInfo]:
-    """``parse_name_table(MessageToDict(table))``, ``CHUNK_ENTRIES`` entries at a time: the
-    whole table as dicts (~9 MB at 10k entries) never exists at once."""
+    """``parse_name_table(MessageToDict(table))``: the same table and the same errors (checked
+    by the tests), without intermediate dicts: protobuf already guarantees the fields' types,
+    so only the values are checked here."""
     result: dict[str, NameInfo] = {}
-    chunk: dict[str, dict[str, object]] = {}
+    shared: dict[str, str] = {}  # one str per distinct registry/namespace, as parse_name_table
+    share = shared.setdefault
     for host, info in table.table.items():
-        entry: dict[str, object] = {}
-        if info.ips:
-            entry["ips"] = list(info.ips)
-        for key in ("registry", "shortname", "namespace"):
-            if getattr(info, key):
-                entry[key] = getattr(info, key)
-        if info.alt_hosts:
-            entry["alt_hosts"] = list(info.alt_hosts)
-        chunk[host] = entry
-        if len(chunk) >= CHUNK_ENTRIES:
-            result.update(parse_name_table({"table": chunk}))
-            chunk = {}
-    result.update(parse_name_table({"table": chunk}))
+        ips = tuple(info.ips)
+        check_ips(host, ips)
+        check_host(host)
+        registry, namespace = info.registry, info.namespace
+        result[host] = NameInfo(
+            ips, share(registry, registry), info.shortname, share(namespace, namespace),
+            tuple(info.alt_hosts),
+        )  # fmt: skip
     return result
 
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -81,11 +81,8 @@ def parse_name_table(document: Any) -> dict[str, NameInfo]:
         for ip in ips:
             if packed_ip(ip) is None:
                 raise NameTableError(f"{host}: {ip!r} is not an IP address")
-        if wire_name(host) is None:  # the fast check; encode_name says what is wrong
-            try:
-                encode_name(host)
-            except (WireError, UnicodeError) as exc:
-                raise NameTableError(f"{host}: not a valid DNS name ({exc})") from None
+        if wire_name(host) is None or host in _ROOT:  # the fast check; check_host says why
+            check_host(host)
         result[host] = NameInfo(
             ips=ips,
             registry=_shared(shared, _string(info.get("registry"), host, "registry")),
@@ -94,6 +91,27 @@ def parse_name_table(document: Any) -> dict[str, NameInfo]:
             alt_hosts=_strings(info.get("alt_hosts", info.get("altHosts")), host, "alt_hosts"),
         )
     return result
+
+
+_ROOT = ("", ".")  # the DNS root: a valid name but no host (Istio's NameTable keys are hosts)
+
+
+def check_host(host: str) -> None:
+    """NameTableError when ``host`` is not a valid DNS name (saying why), or is the root."""
+    if host in _ROOT:
+        raise NameTableError(f"{host!r}: not a valid DNS name (the root; an entry names a host)")
+    if wire_name(host) is None:
+        try:
+            encode_name(host)
+        except (WireError, UnicodeError) as exc:
+            raise NameTableError(f"{host}: not a valid DNS name ({exc})") from None
+
+
+def check_ips(host: str, ips: Iterable[str]) -> None:
+    """NameTableError naming the first of ``ips`` that is not an IP address."""
+    for ip in ips:
+        if packed_ip(ip) is None:
+            raise NameTableError(f"{host}: {ip!r} is not an IP address")
 
 
 def _shared(strings: dict[str, str], value: str) -> str:
@@ -255,17 +273,22 @@ def _alt_hosts(host: str, info: NameInfo, namespace: str, domain: str, first: st
     return list(dict.fromkeys(out))
 
 
-def build_lookup(table: Mapping[str, NameInfo], scope: TableScope) -> Lookup:
+def build_lookup(table: Mapping[str, NameInfo], scope: TableScope, strict: bool = False) -> Lookup:
     """Expand a NameTable into the lookup (pure; about a second for 100k services)."""
-    return run_steps(build_lookup_steps(table, scope, tidy=False))
+    return run_steps(build_lookup_steps(table, scope, tidy=False, strict=strict))
 
 
 def build_lookup_steps(
-    table: Mapping[str, NameInfo], scope: TableScope, tidy: bool = True
+    table: Mapping[str, NameInfo], scope: TableScope, tidy: bool = True, strict: bool = False
 ) -> Steps[Lookup]:
     """:func:`build_lookup`, yielding every ``STEP_ENTRIES`` entries, so that an event loop
     driving it (``vmagent.dns.service.run_in_slices``) keeps answering queries meanwhile;
     ``tidy``: free the big temporary dicts a slice at a time too.
+
+    ``strict``: a table not checked by :func:`parse_name_table` (decoded protobuf NameInfo
+    messages, which have the same fields): its checks are made here, on the way, with the
+    same NameTableError for the same first bad entry, instead of in a pass of their own
+    (~0.3 s less for a pushed 100k-entry table, issue 7 §5).
 
     Later entries win for a name two entries share, per address family (Istio's map writes);
     a search-domain alias wins over the same name given directly."""
@@ -285,11 +308,17 @@ def build_lookup_steps(
         if count % STEP_ENTRIES == 0:
             yield
         v4, v6 = split_ips(info.ips)
+        if strict and len(v4) + len(v6) != len(info.ips):
+            check_ips(host, info.ips)
         if not v4 and not v6:
+            if strict:
+                check_host(host)
             continue
         plain, aliased = (v4, v6, False), (v4, v6, True)
         texts = _alt_hosts(host, info, namespace, domain, first)
         wires = wire_names(texts, tails)
+        if strict and (wires[0] is None or host in _ROOT):  # the entry's own name, any registry
+            check_host(host)
         own = set(wires)
         for name, wire in zip(texts, wires):
             if wire is None:

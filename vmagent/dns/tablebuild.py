@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import logging
 import os
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from vmagent.dns.nameindex import NameIndex
 from vmagent.dns.table import (
@@ -157,15 +158,28 @@ async def build_nds_in_child(
         raise BuilderFailed(f"table builder exited with {code}: {tail}")
 
 
-async def nds_json_in_child(data: bytes) -> bytes:
-    """The JSON document of the serialized NameTable ``data``, rendered by a child process
-    (a 100k-entry table takes ~1 s: never on the event loop). BuilderFailed if it cannot."""
+async def nds_json_chunks(data: bytes, size: int = 1 << 16) -> AsyncIterator[bytes]:
+    """The JSON document of the serialized NameTable ``data`` in pieces of at most ``size``
+    bytes, rendered by a child process (a 100k-entry table takes ~1 s and is ~13 MB: never
+    on the event loop, never whole in this process). BuilderFailed if no child can start;
+    a child that fails midway ends the document early (logged)."""
     proc = await _start([sys.executable, "-m", "vmagent.dns.tablebuild", "--json"])
-    out, err = await proc.communicate(data)
-    if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip()[-400:]
-        raise BuilderFailed(f"table builder exited with {proc.returncode}: {tail}")
-    return out
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(data)
+        await proc.stdin.drain()
+        proc.stdin.close()
+        while chunk := await proc.stdout.read(size):
+            yield chunk
+        err = await proc.stderr.read()
+        if await proc.wait() != 0:
+            log.warning("table builder (--json): %s", err.decode(errors="replace")[-400:])
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        log.warning("table builder (--json): %s", exc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def _start(argv: list[str]) -> asyncio.subprocess.Process:
@@ -192,6 +206,14 @@ def write_table_json(path: str, table: Mapping[str, NameInfo]) -> None:
     new one, never a part), mode 0644; OSError if it cannot."""
     data = table_json(table)
     directory = os.path.dirname(path) or "."
+    # A writer killed midway (the agent stopped while a child persisted) leaves its temporary
+    # file; writes are one at a time (the xDS client awaits each push's child), so any such
+    # file is stale.
+    for stale in glob.glob(
+        os.path.join(glob.escape(directory), f".{os.path.basename(path)}.*.tmp")
+    ):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
     fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -206,10 +228,13 @@ def write_table_json(path: str, table: Mapping[str, NameInfo]) -> None:
         raise
 
 
-def _read_stdin_table() -> dict[str, NameInfo]:
-    from vmagent.dns.ndstable import parse_nds
+def _read_stdin_table(checked: bool = True) -> Mapping[str, NameInfo]:
+    """The NameTable on stdin; ``checked`` False: unchecked protobuf entries, for
+    ``build_lookup(strict=True)`` (see :func:`vmagent.dns.ndstable.nds_entries`)."""
+    from vmagent.dns.ndstable import nds_entries, parse_nds
 
-    return parse_nds(sys.stdin.buffer.read())
+    data = sys.stdin.buffer.read()
+    return parse_nds(data) if checked else nds_entries(data)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -232,12 +257,17 @@ def main(argv: Sequence[str]) -> int:
         )
         return 2
     path, namespace, domain, *search = argv
+    scope = TableScope(namespace, domain, tuple(search))
     try:
-        table = _read_stdin_table() if path == "-" else read_table_file(path)
+        if path == "-":  # a push: decoded unchecked, checked while it is expanded
+            table = _read_stdin_table(checked=False)
+            lookup = build_lookup(table, scope, strict=True)
+        else:
+            table = read_table_file(path)
+            lookup = build_lookup(table, scope)
     except NameTableError as exc:
         sys.stdout.buffer.write(b"E" + str(exc).encode())
         return 0
-    lookup = build_lookup(table, TableScope(namespace, domain, tuple(search)))
     sys.stdout.buffer.write(encode_lookup(lookup))
     sys.stdout.buffer.flush()
     if persist is None:

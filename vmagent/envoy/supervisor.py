@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psutil
@@ -77,6 +78,9 @@ class EnvoySupervisor:
         self._running = False
         self._done = asyncio.Event()
         self._stopping: asyncio.Future[None] | None = None
+        # Awaited after the drain, before SIGTERM (the agent ends SDS and xDS streams there,
+        # so Envoy's own shutdown does not cut them and log warnings).
+        self.before_terminate: Callable[[], Awaitable[None]] | None = None
 
     # --- what the agent reads ---
 
@@ -175,6 +179,8 @@ class EnvoySupervisor:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             await self._drain(proc)
+            if proc.returncode is None and self.before_terminate is not None:
+                await self.before_terminate()
             if proc.returncode is None:
                 log.info("envoy: sending SIGTERM to %d", proc.pid)
                 proc.terminate()

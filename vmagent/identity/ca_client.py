@@ -23,6 +23,7 @@ from vmagent.identity.channel import (
     CLIENT_CERT,
     CLOSED,
     DEFAULT_SERVER_NAME,
+    DNS,
     NAME,
     ROOT,
     SYSTEM,
@@ -71,11 +72,15 @@ CALL_TIMEOUT = 30.0
 def ca_target(config: Config) -> CaTarget:
     """Istio's rules (see :mod:`vmagent.identity.channel`); the root is ``CA_ROOT_CA``, else
     ``XDS_ROOT_CA``, else ``<VMAGENT_CONFIG_DIR>/root-cert.pem``."""
+    # CA_ADDR's source reads "... discoveryAddress" when the mesh config's address filled it.
+    derived = "discoveryAddress" in config.sources.get("CA_ADDR", "") or not config.ca_addr
     return make_target(
         config.ca_address,
         config.istiod_san,
         root_choices(config, "CA_ROOT_CA", "XDS_ROOT_CA"),
         config.vmagent_config_dir,
+        role="CA",
+        address_setting="CA_ADDR unset: discoveryAddress" if derived else "CA_ADDR",
     )
 
 
@@ -173,12 +178,13 @@ class CaClient:
                     timeout=CALL_TIMEOUT if code == grpc.StatusCode.DEADLINE_EXCEEDED else None,
                 )
                 last = attempt == MAX_ATTEMPTS or failure.kind in PERMANENT_KINDS
+                # "CA <address>: ..."; a DNS failure already names "the CA address".
+                what = failure.message if failure.kind == DNS else f"CA {failure.message}"
                 if code not in RETRIABLE or last:
-                    raise CaError(
-                        f"CA {failure.message} (authenticating with {auth})", code, failure.kind
-                    ) from None
+                    message = f"{what} (authenticating with {auth})"
+                    raise CaError(message, code, failure.kind) from None
                 delay = BACKOFF_BASE * 2 ** (attempt - 1)
                 delay *= 1 + BACKOFF_JITTER * self._rng.uniform(-1, 1)
-                log.info("CA %s; retry %d in %.2fs", failure.message, attempt, delay)
+                log.info("%s; retry %d in %.2fs", what, attempt, delay)
                 await self._sleep(delay)
         raise AssertionError("unreachable")

@@ -123,6 +123,7 @@ def bundle_from_reply(
     for position, pem in enumerate(pems):
         certs.extend(parse_certs(pem.encode("utf-8"), f"cert_chain[{position}]"))
     check_chain(certs, key, trusted, now)
+    check_spiffe_ids(certs[0], "the CA issued a certificate with the")
     return _bundle(key_pem, "".join(pems).encode(), pems[-1].encode(), certs[0], now)
 
 
@@ -135,8 +136,60 @@ def bundle_from_files(
     roots = parse_certs(root_pem, "root-cert.pem")
     check_chain(certs, key, roots, now)
     leaf = certs[0]
+    check_spiffe_ids(leaf, "cert-chain.pem: the stored certificate has a")
     start, end = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
     return _bundle(key_pem, chain_pem, root_pem, leaf, min(max(created, start), end))
+
+
+_TD_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-_")
+_PATH_CHARS = _TD_CHARS | frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def spiffe_id_problem(uri: str) -> str:
+    """Why ``uri`` is not a valid SPIFFE ID ("" if it is).
+
+    Rules of the SPIFFE ID standard (spiffe/spiffe ``standards/SPIFFE-ID.md`` §2, as
+    go-spiffe's ``spiffeid.FromString`` enforces them): scheme ``spiffe://``; a non-empty
+    trust domain of ``[a-z0-9._-]`` (no port, no user info); path segments of
+    ``[A-Za-z0-9._-]``, none empty, ``.`` or ``..``; no query or fragment; at most 2048 bytes.
+    """
+    if not uri.startswith("spiffe://"):
+        return "does not start with spiffe://"
+    if len(uri.encode("utf-8")) > 2048:
+        return "is longer than 2048 bytes"
+    domain, _, path = uri[len("spiffe://") :].partition("/")
+    if not domain:
+        return "has no trust domain"
+    bad = sorted(set(domain) - _TD_CHARS)
+    if bad:
+        return f"has a trust domain {domain!r} with characters not allowed: {''.join(bad)!r}"
+    if path or uri.endswith("/"):
+        for segment in path.split("/"):
+            if segment in ("", ".", ".."):
+                return f"has an empty, '.' or '..' path segment in /{path}"
+            if set(segment) - _PATH_CHARS:
+                return f"has a path segment {segment!r} with characters not allowed"
+    return ""
+
+
+def check_spiffe_ids(leaf: x509.Certificate, what: str) -> None:
+    """ChainError if a ``spiffe:`` URI SAN of ``leaf`` is malformed (e.g. ``spiffe:///ns/x``
+    from a CA whose trust domain is empty): the CA is misconfigured and peers would refuse
+    the certificate, so it is never adopted."""
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if not uri.lower().startswith("spiffe:"):
+            continue
+        problem = spiffe_id_problem(uri)
+        if problem:
+            raise ChainError(
+                f"{what} SPIFFE ID {uri!r}, which {problem}: the CA is misconfigured (it must "
+                "issue spiffe://<trust domain>/ns/<namespace>/sa/<account>; istiod's trust "
+                "domain is meshConfig.trustDomain); the certificate is not used"
+            )
 
 
 def _bundle(
@@ -155,8 +208,8 @@ def _bundle(
 
 
 def trust_domain_of(spiffe_id: str) -> str:
-    """``spiffe://<trust domain>/...`` -> trust domain ("" if not a SPIFFE ID)."""
-    if not spiffe_id.startswith("spiffe://"):
+    """``spiffe://<trust domain>/...`` -> trust domain ("" if not a valid SPIFFE ID)."""
+    if spiffe_id_problem(spiffe_id):
         return ""
     return spiffe_id[len("spiffe://") :].split("/", 1)[0]
 

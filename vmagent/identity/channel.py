@@ -89,6 +89,8 @@ class CaTarget:
     root: str  # a PEM file path, or SYSTEM for the OS trust store
     root_setting: str = "root-cert.pem"  # what names the root: a variable or the default file
     name_setting: str = ""  # ISTIOD_SAN when it set the server name, else ""
+    role: str = "CA"  # what the address is for, in messages: "CA" or "discovery"
+    address_setting: str = "CA_ADDR"  # what set the address, in messages
 
 
 def host_of(address: str) -> str:
@@ -99,9 +101,16 @@ def host_of(address: str) -> str:
 
 
 def make_target(
-    address: str, istiod_san: str, roots: tuple[tuple[str, str], ...], config_dir: str
+    address: str,
+    istiod_san: str,
+    roots: tuple[tuple[str, str], ...],
+    config_dir: str,
+    *,
+    role: str = "CA",
+    address_setting: str = "CA_ADDR",
 ) -> CaTarget:
-    """``roots``: (variable name, value) in priority order; the first non-empty one wins."""
+    """``roots``: (variable name, value) in priority order; the first non-empty one wins.
+    ``role`` and ``address_setting`` only word the errors (``the CA address ... (CA_ADDR)``)."""
     host = host_of(address)
     server_name = istiod_san or (DEFAULT_SERVER_NAME if "localhost" in host else host)
     for name, value in roots:
@@ -117,6 +126,8 @@ def make_target(
         root,
         setting,
         "ISTIOD_SAN" if istiod_san else "",
+        role,
+        address_setting,
     )
 
 
@@ -189,11 +200,16 @@ def explain(
         )
     text = details or (code.name if code else "no details")
     if any(mark in text for mark in _DNS_MARKS):
+        # The name is Kubernetes-internal (istiod.istio-system.svc): the VM cannot resolve
+        # it until the onboarding `hosts` line is in /etc/hosts. Worded so the address, not
+        # the CA, is what failed.
+        host = host_of(where)
         return Failure(
             DNS,
-            f"cannot resolve {host_of(where)!r}: add the `hosts` file from onboarding "
-            "(istioctl x workload entry configure) to /etc/hosts, or use an address this VM "
-            f"can resolve ({text})",
+            f"cannot resolve the {target.role} address {host!r} ({target.address_setting}): "
+            f"add the line for {host} from the onboarding `hosts` file (istioctl x workload "
+            "entry configure) to /etc/hosts, or use an address this VM can resolve "
+            f"({text})",
         )
     if any(mark in text for mark in _NAME_MARKS):
         origin = "set by ISTIOD_SAN" if target.name_setting else "the address's host"

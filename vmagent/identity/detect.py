@@ -1,7 +1,11 @@
 """Choosing the credential source: ``CREDENTIAL_FETCHER_TYPE`` or ``auto`` detection.
 
 ``auto``: DMI strings first (``sys_vendor``, ``product_name``, ...; the directory is
-``VMAGENT_DMI_ROOT``), then short metadata-server probes, then the token file.
+``VMAGENT_DMI_ROOT``), then short probes of only the metadata servers the user named
+explicitly (``GCE_METADATA_HOST``, ``AWS_EC2_METADATA_SERVICE_ENDPOINT``,
+``VMAGENT_AZURE_METADATA_ENDPOINT``), then the token file.  A machine whose DMI names no
+cloud never sends a packet to 169.254.169.254: on-premises that address leaves the host
+(default route) and each probe costs up to ``PROBE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -61,10 +65,17 @@ def configured_source(value: str) -> str | None:
 
 
 def detect_from_dmi(dmi: Mapping[str, str]) -> Detection | None:
-    """Recognise a cloud from DMI strings (file name -> trimmed content)."""
+    """Recognise a cloud from DMI strings (file name -> trimmed content).
+
+    The same strings cloud-init's ds-identify and the clouds' own guest agents check: GCE
+    ``Google`` in sys_vendor/product_name; AWS ``Amazon EC2`` sys_vendor or ``Amazon``
+    BIOS (Xen instances: ``4.x.amazon`` bios_version); Azure ``Microsoft Corporation``
+    with chassis asset tag ``7783-7084-3265-9085-8269-3286-77``.  A Hyper-V VM on a desk
+    also says ``Microsoft Corporation`` / ``Virtual Machine``: without the tag it is not Azure.
+    """
     vendor = dmi.get("sys_vendor", "")
     product = dmi.get("product_name", "")
-    if "Google" in vendor or product == "Google Compute Engine":
+    if "Google" in vendor or "Google" in product:
         return Detection(GCE, f"DMI sys_vendor={vendor!r} product_name={product!r}")
     amazon = [
         k
@@ -74,10 +85,21 @@ def detect_from_dmi(dmi: Mapping[str, str]) -> Detection | None:
     if amazon:
         return Detection(AWS, f"DMI {amazon[0]}={dmi[amazon[0]]!r}")
     if dmi.get("chassis_asset_tag") == AZURE_ASSET_TAG:
-        return Detection(AZURE, "DMI chassis_asset_tag is Azure's")
-    if vendor == "Microsoft Corporation" and product == "Virtual Machine":
-        return Detection(AZURE, f"DMI sys_vendor={vendor!r} product_name={product!r}")
+        return Detection(AZURE, f"DMI sys_vendor={vendor!r}, chassis_asset_tag is Azure's")
     return None
+
+
+def explicit_endpoints(config: Config) -> tuple[str, ...]:
+    """Sources whose metadata endpoint the user set (not the link-local default), in probe order.
+
+    Only these are probed when DMI names no cloud (a test or a proxy in front of IMDS).
+    """
+    keys = (
+        (GCE, "GCE_METADATA_HOST"),
+        (AWS, "AWS_EC2_METADATA_SERVICE_ENDPOINT"),
+        (AZURE, "VMAGENT_AZURE_METADATA_ENDPOINT"),
+    )
+    return tuple(src for src, key in keys if config.sources.get(key, "default") != "default")
 
 
 def read_dmi(root: str) -> dict[str, str]:
@@ -123,14 +145,16 @@ async def _probe(source: str, config: Config) -> bool:
 
 
 async def detect(config: Config) -> Detection:
-    """Which source to use and why (``auto`` runs DMI detection and probes)."""
+    """Which source to use and why (``auto``: DMI, then probes of explicit endpoints only)."""
     chosen = configured_source(config.credential_fetcher_type)
     if chosen is not None:
         return Detection(chosen, f"CREDENTIAL_FETCHER_TYPE={config.credential_fetcher_type!r}")
     by_dmi = detect_from_dmi(read_dmi(config.vmagent_dmi_root))
     if by_dmi is not None:
         return by_dmi
-    order = (GCE, AWS, AZURE)
+    order = explicit_endpoints(config)
+    if not order:
+        return Detection(JWT, "DMI names no cloud (nothing probed); using the token file")
     answers = await asyncio.gather(*(_probe(source, config) for source in order))
     for source, answered in zip(order, answers):
         if answered:

@@ -275,8 +275,11 @@ class CertificateManager:
             self.state = rotation.on_failure(
                 self.state, message, self._clock(), self.schedule, self._rng.uniform(-1, 1)
             )
-            kept = "; keeping the current certificate" if self.current else ""
-            log.error("certificate renewal failed: %s%s", message, kept)
+            # Without a certificate nothing is being renewed yet: the first one is requested.
+            if self.current is not None:
+                log.error("certificate renewal failed: %s; keeping the current one", message)
+            else:
+                log.error("certificate request failed: %s", message)
             self.store.save_status(self.status())
             raise IdentityError(message) from None
         log.info(

@@ -3,7 +3,9 @@
 Routes (pure, :func:`route`): ``/healthz/ready`` (200 or 503 with the reasons), ``/status``
 (the JSON state document), ``/debug/ndsz`` (the current name table, as Istio's agent serves:
 from the server's async ``ndsz`` source when it has one, which renders it off the event loop, a
-100k-entry table being ~13 MB of JSON; else from the state's ``name_table``)."""
+100k-entry table being ~13 MB of JSON; else from the state's ``name_table``); ``/status?v=1``
+(the stable schema of docs/status.md, :func:`vmagent.status.view.status_v1`) and
+``/stats/prometheus`` (from the server's async ``metrics`` source, when it has one)."""
 
 from __future__ import annotations
 
@@ -13,23 +15,31 @@ import errno
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
+
+from vmagent.status.view import status_v1
 
 log = logging.getLogger("vmagent.status")
 
 StateSource = Callable[[], Mapping[str, Any]]
-DocumentSource = Callable[[], Awaitable[bytes]]  # a JSON document, already encoded
+DocumentSource = Callable[[], AsyncGenerator[bytes, None]]  # a JSON document, encoded, in pieces
+MetricsSource = Callable[[], Awaitable[bytes]]  # Prometheus text exposition, encoded
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
-def route(method: str, path: str, state: StateSource) -> tuple[int, str, bytes]:
-    """(status, content type, body) for one request."""
+def route(
+    method: str, path: str, state: StateSource, now: float | None = None
+) -> tuple[int, str, bytes]:
+    """(status, content type, body) for one request; ``now`` (wall-clock seconds) dates the
+    ``?v=1`` view."""
     if method not in ("GET", "HEAD"):
         return 405, "text/plain", b"only GET\n"
-    path = path.split("?", 1)[0]
+    path, _, query = path.partition("?")
     if path == "/healthz/ready":
         doc = state()
         reasons = list(doc.get("not_ready", []))
@@ -37,7 +47,10 @@ def route(method: str, path: str, state: StateSource) -> tuple[int, str, bytes]:
             return 503, "text/plain", ("not ready: " + "; ".join(reasons) + "\n").encode()
         return 200, "text/plain", b"ready\n"
     if path == "/status":
-        body = json.dumps(state(), indent=2, sort_keys=True, default=str) + "\n"
+        doc = state()
+        if "v=1" in query.split("&"):
+            doc = status_v1(doc, time.time() if now is None else now)
+        body = json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
         return 200, "application/json", body.encode()
     if path == "/debug/ndsz":
         doc = state()
@@ -47,9 +60,15 @@ def route(method: str, path: str, state: StateSource) -> tuple[int, str, bytes]:
 
 
 class StatusServer:
-    def __init__(self, state: StateSource, ndsz: DocumentSource | None = None) -> None:
+    def __init__(
+        self,
+        state: StateSource,
+        ndsz: DocumentSource | None = None,
+        metrics: MetricsSource | None = None,
+    ) -> None:
         self._state = state
         self._ndsz = ndsz
+        self._metrics = metrics
         self._servers: list[asyncio.base_events.Server] = []
 
     async def listen_tcp(self, host: str, port: int) -> None:
@@ -65,7 +84,7 @@ class StatusServer:
             raise OSError(
                 errno.EADDRINUSE,
                 f"another process is serving on {path}; is another vmagent using this"
-                " VMAGENT_RUN_DIR?",
+                " VMAGENT_RUN_DIR? Give each agent its own VMAGENT_RUN_DIR",
             )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket from an earlier run
@@ -85,9 +104,12 @@ class StatusServer:
                 raise ValueError("request head too large")
             method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             if self._ndsz is not None and method in ("GET", "HEAD") and _is_ndsz(path):
-                status, content_type, body = 200, "application/json", await self._ndsz()
+                await self._stream(writer, method, self._ndsz())
+                return
+            if self._metrics is not None and path.split("?", 1)[0] == "/stats/prometheus":
+                status, content_type, body = 200, PROMETHEUS_TYPE, await self._metrics()
             else:
-                status, content_type, body = route(method, path, self._state)
+                status, content_type, body = route(method, path, self._state, time.time())
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.close()
             return
@@ -103,6 +125,27 @@ class StatusServer:
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         writer.close()
+
+    async def _stream(
+        self, writer: asyncio.StreamWriter, method: str, pieces: AsyncGenerator[bytes, None]
+    ) -> None:
+        """A 200 JSON answer of unknown length (it ends when the connection closes), written
+        piece by piece as ``pieces`` gives them: a 100k-entry table is never whole here."""
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            if method != "HEAD":
+                async for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+            else:
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            await pieces.aclose()
+            writer.close()
 
 
 def _is_ndsz(path: str) -> bool:

@@ -108,6 +108,8 @@ def xds_target(config: Config) -> CaTarget:
         config.istiod_san,
         root_choices(config, "XDS_ROOT_CA"),
         config.vmagent_config_dir,
+        role="discovery",
+        address_setting="the mesh config's discoveryAddress",
     )
 
 
@@ -249,8 +251,11 @@ class XdsClient:
             else:
                 failures += 1
                 delay = backoff_delay(failures, self._rng.random())
+            # A stream that never connected did not "end": say it could not connect.
             log.warning(
-                "xds: stream to %s ended: %s; reconnecting in %.1fs",
+                "xds: stream to %s ended: %s; reconnecting in %.1fs"
+                if was_connected
+                else "xds: cannot connect to %s: %s; retrying in %.1fs",
                 self.target.address,
                 self.status.last_error,
                 delay,

@@ -114,7 +114,13 @@ class XdsProxy(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore
     async def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            await server.stop(0.5)
+            # Stop taking streams, then end Envoy's with status OK: Envoy logs that at debug
+            # level, a stream cut by a closing connection as a warning.
+            stopping = asyncio.ensure_future(server.stop(0.5))
+            await asyncio.sleep(0)
+            for queue in list(self._queues.values()):
+                queue.put_nowait(_End(None))
+            await stopping
         if self.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
