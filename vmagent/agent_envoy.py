@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ from vmagent.envoy import EnvoyBinaryError, EnvoyConfigError, EnvoySupervisor, e
 from vmagent.envoy.binary import resolve_binary
 from vmagent.envoy.bootstrap import loopback, wildcard
 from vmagent.envoy.options import EnvoyOptions
+from vmagent.envoy.ports import listen_blocked
 from vmagent.health import ProbeResult
 from vmagent.identity.certs import CertBundle
 from vmagent.identity.sds import SdsServer
@@ -156,19 +156,13 @@ def check_envoy_ports(config: Config, opts: EnvoyOptions, node_ips: Sequence[str
         (listen, opts.prometheus_port, "Envoy Prometheus", "VMAGENT_ENVOY_PROMETHEUS_PORT"),
     ]
     for host, port, what, key in wanted:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-                probe.listen()
-            except OSError as exc:
-                hint = (
-                    f"stop the process that holds it or set {key} (mesh.yaml or PROXY_CONFIG)"
-                    if key.startswith("ProxyConfig")
-                    else config.listen_hint(key, "PORT")
-                )
-                raise OSError(
-                    exc.errno,
-                    f"cannot listen on {host} port {port} ({what}): {exc.strerror}; {hint}",
-                ) from None
+        exc = listen_blocked(host, port)
+        if exc is not None:
+            hint = (
+                f"stop the process that holds it or set {key} (mesh.yaml or PROXY_CONFIG)"
+                if key.startswith("ProxyConfig")
+                else config.listen_hint(key, "PORT")
+            )
+            raise OSError(
+                exc.errno, f"cannot listen on {host} port {port} ({what}): {exc.strerror}; {hint}"
+            )

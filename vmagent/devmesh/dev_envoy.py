@@ -4,14 +4,13 @@ never becomes ready)."""
 
 from __future__ import annotations
 
-import socket
-
 from vmagent.config import Config
 from vmagent.devmesh.dataplane_model import DataplaneOptions, PortMove, is_http
 from vmagent.devmesh.demoapp import WHOAMI
 from vmagent.devmesh.server import bind_error
 from vmagent.devmesh.services import MeshConfig, Port, Service, WorkloadGroup
 from vmagent.envoy import envoy_options
+from vmagent.envoy.ports import listen_blocked
 
 
 def mesh_port(config: MeshConfig, group: WorkloadGroup) -> tuple[Service, Port] | None:
@@ -74,16 +73,10 @@ def check_envoy_ports(config: Config, mesh: MeshConfig, dataplane: DataplaneOpti
     bind = dataplane.outbound_bind
     wanted += [(bind, p, "Envoy outbound HTTP", "--outbound-bind ADDRESS") for p in http_ports]
     for host, port, what, flag in wanted:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # As Envoy binds: SO_REUSEADDR, so only a live listener (not TIME_WAIT) counts.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-                probe.listen()
-            except OSError as exc:
-                where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-                raise OSError(bind_error(where, what, flag, exc)) from None
+        exc = listen_blocked(host, port)
+        if exc is not None:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(bind_error(where, what, flag, exc))
 
 
 def mesh_request(host: str, bind: str, port: int) -> str:
