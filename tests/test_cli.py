@@ -4,6 +4,7 @@ command group alone prints its own help, and long-running commands stop on Ctrl-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -207,3 +208,102 @@ def test_ctrl_c_while_modules_load_is_no_traceback(monkeypatch: pytest.MonkeyPat
         capture_output=True, text=True, timeout=30, check=True,
     )  # fmt: skip
     assert heavy.stdout.strip() == "[]"  # importing the entry point loads none of them
+
+
+def dev_argv(tmp_path: Path) -> list[str]:
+    """``vmagent dev`` with every port moved to a free one (as tests/test_dev_command.py)."""
+    ports = {flag: free_port() for flag in DEV_PORT_FLAGS}
+    argv = ["dev", "--dir", str(tmp_path / "dev"), "--ip", "127.0.0.1"]
+    argv += ["--outbound-bind", f"127.{os.getpid() % 250 + 1}.{int(time.time()) % 250 + 1}.9"]
+    for flag, port in ports.items():
+        argv += [flag, f"127.0.0.1:{port}" if flag.endswith("listen") else str(port)]
+    return argv
+
+
+DEV_PORT_FLAGS = (
+    "--listen", "--debug-listen", "--dns-listen", "--status-listen", "--app-port",
+    "--envoy-admin-port", "--inbound-port", "--outbound-port", "--readiness-port",
+    "--prometheus-port",
+)  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+# The CA's gRPC server starts ~0.2-0.35 s in on an idle machine (first run: keys too), the
+# banner ~0.35 s: a Ctrl-C inside ca.start() left its server to the garbage collector.
+@pytest.mark.parametrize("after", [0.1, 0.2, 0.24, 0.26, 0.28, 0.3, 0.32, 0.36, 0.45, 0.6, 1.0])
+def test_ctrl_c_stops_vmagent_dev_at_any_moment(tmp_path: Path, after: float) -> None:
+    """One Ctrl-C while `vmagent dev` starts (CA, control plane, demo app, agent, Envoy)
+    stops all of it: none lost (a second Ctrl-C needed), no traceback from a gRPC server left
+    to the garbage collector, no Envoy left running."""
+    psutil = pytest.importorskip("psutil")
+    env = agent_env(tmp_path)
+    env = {k: v for k, v in env.items() if k in ("PATH", "PYTHONUNBUFFERED")}
+    env["VMAGENT_DNS_UPSTREAMS"] = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "out.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmagent", *dev_argv(tmp_path)],
+            env=env, stdout=sink, stderr=sink,
+        )  # fmt: skip
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + after
+        while time.monotonic() < deadline:
+            with contextlib.suppress(psutil.Error):
+                children |= {c.pid for c in psutil.Process(process.pid).children(recursive=True)}
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        try:
+            code = process.wait(8)
+        except subprocess.TimeoutExpired:
+            output = log.read_text(errors="replace")
+            raise AssertionError(f"one Ctrl-C did not stop vmagent dev:\n{output}") from None
+        took = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    output = log.read_text(errors="replace")
+    assert code in (0, 130, -signal.SIGINT), output
+    assert not [noise for noise in NOISE if noise in output], output
+    assert took < 8, (took, output)
+    left = [pid for pid in children if psutil.pid_exists(pid)]
+    left = [pid for pid in left if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not left, (left, output)
+
+
+@pytest.mark.parametrize("key", ["XDS_ROOT_CA", "CA_ROOT_CA"])
+def test_an_explicit_root_cert_that_does_not_exist_is_exit_2(tmp_path: Path, key: str) -> None:
+    """A root certificate named explicitly but absent is a permanent mistake: `vmagent run`
+    exits 2 naming the key and the path, rather than retrying the CA with backoff forever.
+    (A missing default <VMAGENT_CONFIG_DIR>/root-cert.pem stays a logged, retried wait.)"""
+    env = agent_env(tmp_path) | {key: "/nonexistent/root.pem"}
+    result = subprocess.run(
+        [sys.executable, "-m", "vmagent", "run"],
+        capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    assert f"{key}='/nonexistent/root.pem'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_configuration_errors_have_one_prefix_and_name_envoy_binary(tmp_path: Path) -> None:
+    """A bad environment value and a wrong ENVOY_BINARY read alike (``vmagent: configuration
+    error: ...``, exit 2); the latter names ENVOY_BINARY and quotes only the first line of the
+    program's ``--version`` output (no literal "\\n" from a usage text)."""
+    fake = tmp_path / "not-envoy"
+    fake.write_text("#!/bin/sh\nprintf 'usage: not-envoy [options]\\n  -x  do things\\n'\n")
+    fake.chmod(0o755)
+    prefixes = []
+    for extra in ({"DNS_FORWARD_PARALLEL": "maybe"}, {"ENVOY_BINARY": str(fake)}):
+        result = subprocess.run(
+            [sys.executable, "-m", "vmagent", "run"],
+            capture_output=True, text=True, timeout=30, env=agent_env(tmp_path) | extra,
+        )  # fmt: skip
+        assert result.returncode == 2, result
+        (line,) = [row for row in result.stderr.splitlines() if "configuration error" in row]
+        prefixes.append(line.partition("configuration error:")[0])
+    assert prefixes == ["vmagent: ", "vmagent: "], prefixes
+    assert f"ENVOY_BINARY={fake}" in line and "'usage: not-envoy [options]'" in line, line
+    assert "\\n" not in line and "do things" not in line, line

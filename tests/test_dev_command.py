@@ -194,6 +194,17 @@ def banner_request(output: str) -> list[str]:
     return shlex.split(line.strip())
 
 
+def banner_status(output: str) -> list[str]:
+    """The banner's ``vmagent status --addr HOST:PORT`` line, as argv for this interpreter."""
+    (line,) = [ln for ln in output.splitlines() if ln.strip().startswith("vmagent status")]
+    return [sys.executable, "-m", "vmagent", *shlex.split(line.strip())[1:]]
+
+
+def run_status(argv: list[str]) -> subprocess.CompletedProcess[str] | None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    return result if result.returncode == 0 else None
+
+
 def run_request(argv: list[str]) -> dict[str, Any] | None:
     result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     try:
@@ -256,6 +267,12 @@ def test_vmagent_dev_runs_a_mesh_on_one_machine(dev: Dev) -> None:
     children = psutil.Process(dev.process.pid).children()
     envoy = [child for child in children if child.name() == "envoy"]
     assert len(envoy) == 1, children
+    # The banner's `vmagent status` command finds this agent (its socket is not in
+    # /run/vmagent) and says healthy: exit 0.
+    status_argv = banner_status(banner)
+    assert status_argv[-2:] == ["--addr", f"127.0.0.1:{dev.ports['status']}"], status_argv
+    shown = eventually(lambda: run_status(status_argv), timeout=30)
+    assert "vm-web" in shown.stdout, shown
 
     # Every port moved: nothing of this process or its Envoy listens on a default port.
     listening = {

@@ -108,6 +108,7 @@ class Agent:
         self._started = time.time()
         self.final_health: Health | None = Health(False, "vmagent is stopping")
         self._have_cert = asyncio.Event()
+        self._status_socket: str | None = None  # the Unix socket listened on, to remove
         self.notify = Notifier(os.environ)  # systemd's Type=notify, when under systemd
 
     # --- parts ---
@@ -223,7 +224,7 @@ class Agent:
                 await self.dataplane.start()
         except BaseException:
             await self.capture.stop()
-            await self.status.close()
+            await self._close_status()
             await self.dns.close()
             raise
         await self._load_persisted_table()  # DNS is serving meanwhile
@@ -260,8 +261,18 @@ class Agent:
             if self.dataplane is not None:
                 await self.dataplane.close()
             await self.capture.stop()  # before DNS closes: no redirect to a dead port
-            await self.status.close()
+            await self._close_status()
             await self.dns.close()
+
+    async def _close_status(self) -> None:
+        """Close the status endpoints and remove the Unix socket this agent made (only one it
+        listened on: one another agent serves is left alone; a crash leaves it, and the next
+        start replaces it as stale)."""
+        await self.status.close()
+        if self._status_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._status_socket)
+            self._status_socket = None
 
     async def _listen_status(self) -> None:
         """Both status endpoints. A TCP address that cannot be bound is fatal (like the DNS
@@ -281,6 +292,7 @@ class Agent:
         try:
             os.makedirs(run_dir, mode=0o755, exist_ok=True)
             await self.status.listen_unix(os.path.join(run_dir, "status.sock"))
+            self._status_socket = os.path.join(run_dir, "status.sock")
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise
@@ -413,6 +425,11 @@ async def serve(agent: Agent, reload: Callable[[], Config]) -> int:
     loop.add_signal_handler(signal.SIGHUP, hangup.set)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, terminate.set)
+    # A Ctrl-C during the caller's startup (cli.run_async's handler cancels this task) whose
+    # CancelledError a library swallowed: honour it rather than lose it (3.11+ counts them).
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    if cancelling is not None and cancelling():
+        terminate.set()
     while True:
         stop = asyncio.Event()
         running = asyncio.ensure_future(agent.run(stop))
@@ -426,7 +443,7 @@ async def serve(agent: Agent, reload: Callable[[], Config]) -> int:
                 try:
                     running.result()  # an exception here is a startup failure: let it surface
                 except ConfigError as exc:  # permanent: exit 2 and no retry (systemd too)
-                    print(f"vmagent run: configuration error: {exc}", file=sys.stderr)
+                    print(f"vmagent: configuration error: {exc}", file=sys.stderr)  # as cli.py
                     return 2
                 return 1
             if terminate.is_set():

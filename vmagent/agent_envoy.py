@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -122,9 +123,14 @@ class DataPlane:
             await self.envoy.kill()
 
     async def close(self) -> None:
-        """Stop listening (after Envoy is gone and the upstream stream closed)."""
+        """Stop listening (after Envoy is gone and the upstream stream closed), and remove the
+        SDS socket and the bootstrap this agent wrote: a clean stop leaves no files in
+        VMAGENT_RUN_DIR (the xDS proxy removes its own socket). Idempotent."""
         await self.proxy.stop()
         await self.sds.stop()
+        for path in (self.options.sds_socket, self.options.bootstrap_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # the next start (a SIGHUP reload) writes them again
 
     # --- state ---
 

@@ -170,8 +170,26 @@ def resolve(
         found_file = locate(role, config_dir, (given, key) if given else None, root)
         files.append(found_file)
         derive(key, found_file.path, f"default: {found_file.how}")
+        if given and not found_file.exists and key == "XDS_ROOT_CA":
+            problems.append(_missing_root(names.value(key, given)))
+        # An explicit VMAGENT_TOKEN_FILE that is missing stays a warning (logged when the CSR
+        # is sent): Istio's pilot-agent, too, only warns and sends no token, and a token
+        # projector may write it after the agent starts.
+    ca_root: str = values.get("ca_root_ca") or ""
+    explicit = sources["CA_ROOT_CA"] != "default" and ca_root.upper() not in ("", "SYSTEM")
+    if explicit and not locate(ROOT_CERT, config_dir, (ca_root, "CA_ROOT_CA"), root).exists:
+        problems.append(_missing_root(names.value("CA_ROOT_CA", ca_root)))
     if not problems:  # the rules between settings need every value parsed
         problems += cross_checks(values, names, proxy_config.document)
     if problems:
         raise ConfigError("\n  ".join(problems))
     return Resolved(values, sources, dynamic, tuple(files), proxy_config)
+
+
+def _missing_root(named: str) -> str:
+    """An explicitly named root certificate that does not exist: a permanent mistake (retrying
+    cannot help), unlike a missing default root-cert.pem that onboarding may still copy in."""
+    return (
+        f"{named}: file not found; copy the mesh's root-cert.pem there, fix the path, or unset "
+        "it to use <VMAGENT_CONFIG_DIR>/root-cert.pem"
+    )

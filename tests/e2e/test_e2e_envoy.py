@@ -140,11 +140,15 @@ def test_envoy_runs_under_the_agent_and_survives_its_crash(nsworld: World) -> No
     agent.wait_resolves("extra.vm.svc.cluster.local", ["10.96.1.77"], timeout=10)
     assert streams(mesh) == [stream]
 
-    # SIGTERM: drained, Envoy gone, exit 0.
+    # SIGTERM: drained, Envoy gone, exit 0, and the run directory left as found (issue 7).
     second_pid = envoy["pid"]
+    run_dir = agent.home / "run"
+    made = {"status.sock", "sds.sock", "xds.sock", "envoy-rev.json"}
+    assert made <= {p.name for p in run_dir.iterdir()}, list(run_dir.iterdir())
     proc.popen.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, proc.describe()
     assert gone(second_pid)
+    assert not list(run_dir.iterdir()), list(run_dir.iterdir())
     stderr = proc.stderr()
     assert "envoy: draining inbound listeners" in stderr, stderr[-3000:]
     assert FORK_WARNING not in stderr, stderr[-3000:]  # no raw gRPC lines (issue 7)
@@ -178,6 +182,7 @@ def test_without_envoy_the_agent_keeps_dns_and_identity_only(nsworld: World) -> 
     agent.wait_resolves("extra.vm.svc.cluster.local", ["10.96.1.77"], timeout=10)
     proc.popen.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, proc.describe()
+    assert not list(run_dir.iterdir()), list(run_dir.iterdir())  # status.sock removed
 
 
 def test_sighup_restarts_envoy_with_the_other_parts(nsworld: World) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from vmagent.cli import run_async
 from vmagent.config import Config, parse_duration
+from vmagent.config_values import host_port
 from vmagent.devmesh.authority import Authority
 from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
 from vmagent.devmesh.dataplane_model import DataplaneOptions
@@ -94,6 +95,23 @@ def _run_token(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _address(allow_empty: bool = False) -> Any:
+    """An argparse ``type=`` for a listen address HOST:PORT (port 0..65535; 0 asks the kernel
+    for a free port, and the listening line says which): a bad one is a usage error naming
+    the flag (exit 2), not a traceback from bind()."""
+    check = host_port(require_port=True, allow_empty=allow_empty)
+
+    def parsed(raw: str) -> str:
+        try:
+            ephemeral = raw.strip().endswith(":0")
+            check(raw.strip()[:-1] + "1" if ephemeral else raw)
+            return raw.strip()
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; e.g. 127.0.0.1:15012") from None
+
+    return parsed
+
+
 def register(commands: Any) -> None:
     devmesh = commands.add_parser("devmesh", help="development mesh (CA and control plane)")
     sub = devmesh.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
@@ -107,10 +125,13 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--dir", metavar="DIR", help="key directory (default: VMAGENT_STATE_DIR/devmesh)"
     )
-    serve.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:15012")
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", type=_address(), help="default 127.0.0.1:15012"
+    )
     serve.add_argument(
         "--debug-listen",
         metavar="HOST:PORT",
+        type=_address(allow_empty=True),
         default=DEFAULT_DEBUG_LISTEN,
         help=f"debug HTTP server, '' for none (default {DEFAULT_DEBUG_LISTEN})",
     )
@@ -137,7 +158,9 @@ def register(commands: Any) -> None:
         parser.add_argument(
             "--dir", metavar="DIR", help="key directory (default: VMAGENT_STATE_DIR/devmesh)"
         )
-    ca.add_argument("--listen", metavar="HOST:PORT", help="default 127.0.0.1:15012")
+    ca.add_argument(
+        "--listen", metavar="HOST:PORT", type=_address(), help="default 127.0.0.1:15012"
+    )
     ca.set_defaults(run=_run_ca)
     token.add_argument("--namespace", help="default: POD_NAMESPACE")
     token.add_argument("--service-account", help="default: SERVICE_ACCOUNT")

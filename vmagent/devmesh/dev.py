@@ -362,6 +362,8 @@ def _print_banner(
         f"  {dig} anything.partner.example.com          # a wildcard ServiceEntry",
         f"  curl -s {mesh.debug_url}/debug/registry    # the WorkloadEntry and its health",
         f"  curl -s http://{config.vmagent_status_addr}/healthz/ready",
+        # This agent's socket is not /run/vmagent's: `vmagent status` needs the address.
+        f"  vmagent status --addr {config.vmagent_status_addr}",
         "Ctrl-C stops everything.",
         "",
     ]

@@ -54,10 +54,12 @@ async def running_devmesh(
         return ids[0] if ids else None
 
     control_plane.ads.identify = identify
-    await ca.start()
+    # Each start inside its try: a start cut short (Ctrl-C cancels it) stops what it began,
+    # else a gRPC server is left to the garbage collector ("Event loop is closed").
     try:
-        await control_plane.start()
+        await ca.start()
         try:
+            await control_plane.start()
             yield DevMesh(ca, control_plane)
         finally:
             await control_plane.stop()

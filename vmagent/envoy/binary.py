@@ -44,7 +44,11 @@ def parse_version(output: str) -> tuple[int, int, int]:
     """The ``major.minor.patch`` in ``envoy --version`` output; ValueError if there is none."""
     match = _VERSION.search(output)
     if match is None:
-        raise ValueError(f"no Envoy version in {output.strip()[:200]!r}")
+        # The first line only: a wrong program's whole output (usage text) would fill the
+        # error with literal "\n"s.
+        lines = output.strip().splitlines()
+        shown = f"{lines[0][:200]!r}" if lines else "an empty output"
+        raise ValueError(f"no Envoy version in {shown}")
     major, minor, patch = (int(group) for group in match.groups())
     return major, minor, patch
 
@@ -90,9 +94,11 @@ def choose_binary(env_binary: str, proxy_config_binary: str) -> str:
     return found
 
 
-def probe_binary(path: str, check: bool = True) -> EnvoyBinary:
+def probe_binary(path: str, check: bool = True, origin: str = "") -> EnvoyBinary:
     """Run ``PATH --version`` (blocking, bounded by VERSION_TIMEOUT_SECONDS); with ``check``,
-    refuse unsupported versions. An unreadable version is an error only with ``check``."""
+    refuse unsupported versions. An unreadable version is an error only with ``check``.
+    ``origin``: the setting that named ``path`` (``ENVOY_BINARY``), named in errors."""
+    named = f"{origin}={path}" if origin else path
     try:
         done = subprocess.run(
             [path, "--version"],
@@ -102,22 +108,23 @@ def probe_binary(path: str, check: bool = True) -> EnvoyBinary:
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        raise EnvoyBinaryError(f"{path}: cannot run --version: {exc}") from None
+        raise EnvoyBinaryError(f"{named}: cannot run --version: {exc}") from None
     output = done.stdout + done.stderr
     try:
         version = parse_version(output)
     except ValueError as exc:
         if check:
             raise EnvoyBinaryError(
-                f"{path}: cannot read its version ({exc}); set {VERSION_CHECK_OVERRIDE} to run "
+                f"{named}: cannot read its version ({exc}); set {VERSION_CHECK_OVERRIDE} to run "
                 "it anyway"
             ) from None
         version = (0, 0, 0)
     if check:
-        check_version(version, path)
+        check_version(version, named)
     return EnvoyBinary(path, version)
 
 
 def resolve_binary(env_binary: str, proxy_config_binary: str, check: bool = True) -> EnvoyBinary:
     """choose_binary + probe_binary: what the agent calls once at start (blocking)."""
-    return probe_binary(choose_binary(env_binary, proxy_config_binary), check)
+    origin = "ENVOY_BINARY" if env_binary else "binaryPath" if proxy_config_binary else ""
+    return probe_binary(choose_binary(env_binary, proxy_config_binary), check, origin)

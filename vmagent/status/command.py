@@ -1,7 +1,10 @@
 """``vmagent status``: ask the running agent how it is (``/status?v=1``) and say so.
 
 The agent answers on ``$VMAGENT_RUN_DIR/status.sock`` (mode 0660: root and the ``vmagent``
-group) and on ``VMAGENT_STATUS_ADDR``; ``--addr HOST:PORT`` picks the TCP endpoint. Exit
+group) and on ``VMAGENT_STATUS_ADDR``; ``--addr HOST:PORT`` picks the TCP endpoint. Without
+``--addr``, the socket is asked first; when nothing answers there and ``VMAGENT_STATUS_ADDR``
+is set (environment or cluster.env, not the default), that endpoint is asked next, so an agent
+run by hand (``vmagent dev``, ``vmagent run`` with its own run dir) is found too. Exit
 status like LSB's ``status`` action and ``systemctl status`` (LSB 3.0.0 "Init Script Actions";
 systemctl(1)): 0 all healthy, 1 degraded or still starting (which part is said), 3 not
 running (no socket, or nothing accepts on it), 4 unknown (the socket is not accessible, or the
@@ -19,12 +22,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vmagent.config_values import PORT_ADDRESS, split_host_port
+
 if TYPE_CHECKING:
     from vmagent.config import Config
 
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 3, 4
 TIMEOUT_SECONDS = 5.0
 DEFAULT_WATCH_SECONDS = 2.0
+NOT_RUNNING = "vmagent is not running: "
+START_HINT = "; start it with `systemctl start vmagent`"
 
 
 class StatusError(Exception):
@@ -59,8 +66,8 @@ def fetch(where: str, unix: bool, timeout: float = TIMEOUT_SECONDS) -> dict[str,
     if unix:
         conn: http.client.HTTPConnection = _UnixConnection(where, timeout)
     else:
-        host, _, port = where.rpartition(":")
-        conn = http.client.HTTPConnection(host.strip("[]") or "127.0.0.1", int(port), timeout)
+        host, port = split_host_port(where, None)  # checked by _address / Config
+        conn = http.client.HTTPConnection(host, port, timeout)
     try:
         conn.request("GET", "/status?v=1")
         reply = conn.getresponse()
@@ -68,8 +75,7 @@ def fetch(where: str, unix: bool, timeout: float = TIMEOUT_SECONDS) -> dict[str,
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         what = "no socket" if isinstance(exc, FileNotFoundError) else "connection refused"
         raise StatusError(
-            f"vmagent is not running: {where}: {what}"
-            + ("; start it with `systemctl start vmagent`" if unix else ""),
+            f"{NOT_RUNNING}{where}: {what}" + (START_HINT if unix else ""),
             EXIT_NOT_RUNNING,
         ) from None
     except PermissionError:
@@ -123,14 +129,57 @@ def _show(view: dict[str, Any], as_json: bool, qps: float | None) -> None:
     sys.stdout.flush()
 
 
+def _address(raw: str) -> str:
+    """``--addr``'s type: HOST:PORT with a port 1..65535 (argparse makes the error a usage
+    error, exit 2, naming --addr)."""
+    try:
+        return str(PORT_ADDRESS(raw))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; e.g. 127.0.0.1:15020") from None
+
+
+Target = tuple[str, bool]  # (a socket path or HOST:PORT, whether it is a Unix socket)
+
+
+def targets(addr: str | None, config: Config) -> list[Target]:
+    """Where to ask, in order: ``--addr`` alone; else the Unix socket, then
+    ``VMAGENT_STATUS_ADDR`` when it is set explicitly (its source is not the default)."""
+    if addr is not None:
+        return [(addr, False)]
+    found: list[Target] = [(os.path.join(config.vmagent_run_dir, "status.sock"), True)]
+    if config.sources.get("VMAGENT_STATUS_ADDR", "default") != "default":
+        found.append((config.vmagent_status_addr, False))
+    return found
+
+
+def fetch_first(where: list[Target]) -> dict[str, Any]:
+    """The document from the first target that is running; when none is, one StatusError
+    (exit 3) naming each. Other errors (no permission, no answer) stop at that target: an
+    agent is there."""
+    missing: list[str] = []
+    hint = ""
+    for address, unix in where:
+        try:
+            return fetch(address, unix)
+        except StatusError as exc:
+            if exc.code != EXIT_NOT_RUNNING:
+                raise
+            text = str(exc).removeprefix(NOT_RUNNING)
+            hint = START_HINT if text.endswith(START_HINT) else hint
+            missing.append(
+                text.removesuffix(START_HINT)
+                + ("" if unix or len(where) == 1 else " (VMAGENT_STATUS_ADDR)")
+            )
+    raise StatusError(NOT_RUNNING + ", ".join(missing) + hint, EXIT_NOT_RUNNING)
+
+
 def run_status(
     args: argparse.Namespace, config: Config, sleep: Callable[[float], None] = time.sleep
 ) -> int:
-    where = args.addr or os.path.join(config.vmagent_run_dir, "status.sock")
-    unix = args.addr is None
+    where = targets(args.addr, config)
     if args.watch is None:
         try:
-            view = fetch(where, unix)
+            view = fetch_first(where)
         except StatusError as exc:
             print(f"vmagent status: {exc}", file=sys.stderr)
             return exc.code
@@ -139,10 +188,10 @@ def run_status(
         if line:
             print(line, file=sys.stderr)
         return exit_status(view)
-    return _watch(where, unix, args, sleep)
+    return _watch(where, args, sleep)
 
 
-def _watch(where: str, unix: bool, args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
+def _watch(where: list[Target], args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
     """Show the status every ``args.watch`` seconds until Ctrl-C (or ``--count`` rounds);
     the exit status is the last round's. The DNS query rate is measured between rounds."""
     interval = max(0.1, float(args.watch))
@@ -156,7 +205,7 @@ def _watch(where: str, unix: bool, args: argparse.Namespace, sleep: Callable[[fl
             if sys.stdout.isatty() and not args.json:
                 sys.stdout.write("\x1b[H\x1b[2J")  # clear, as watch(1) does
             try:
-                view = fetch(where, unix)
+                view = fetch_first(where)
             except StatusError as exc:
                 print(f"vmagent status: {exc}", file=sys.stderr)
                 code, previous = exc.code, None
@@ -185,7 +234,10 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--addr",
         metavar="HOST:PORT",
-        help="ask the TCP status endpoint (VMAGENT_STATUS_ADDR) instead of the Unix socket",
+        type=_address,
+        help="ask this TCP status endpoint (the agent's VMAGENT_STATUS_ADDR; `vmagent dev` "
+        "prints its own) instead of the Unix socket. Without it, a VMAGENT_STATUS_ADDR set in "
+        "the environment or cluster.env is asked when the socket does not answer",
     )
     parser.add_argument("--json", action="store_true", help="print the status document")
     parser.add_argument(
