@@ -31,7 +31,7 @@ Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], No
 # `vmagent run` does not import devmesh and the other commands (~4 MB of RSS for the agent's
 # lifetime, issue 7 §5); help and unknown commands import them all.
 _COMMAND_MODULES = {
-    "run": "vmagent.agent",
+    "run": "vmagent.agent_command",
     "dns": "vmagent.dns.command",
     "identity": "vmagent.identity.command",
     "status": "vmagent.status.command",
@@ -59,7 +59,7 @@ def _registrars(command: str | None = None) -> list[Registrar]:
             imported = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as exc:
             # Components from later issues register themselves when present.
-            if exc.name != module or module in ("vmagent.agent", "vmagent.dns.command"):
+            if exc.name != module or module in ("vmagent.agent_command", "vmagent.dns.command"):
                 raise
             continue
         found.append(imported.register)

@@ -25,7 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from vmagent.agent import build_agent, host_addresses, serve
+from vmagent.agent import build_agent, host_addresses
+from vmagent.agent_command import serve
 from vmagent.cli import run_async
 from vmagent.config import Config, ConfigError, load_config
 from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
