@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# "shared" as a path component: "<up>/shared", "shared/fixtures", parents[2] / "shared", ...
+# "shared" as a path component: "<up>/shared", "shared/fixtures", a parents[N] join, ...
 SHARED = re.compile(r"(^|[/\\])shared([/\\]|$)")
 
 
@@ -25,7 +25,7 @@ def shared_paths(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_check_finds_the_ways_a_path_is_built() -> None:
-    assert shared_paths('P = Path(__file__).parents[3] / "shared" / "fixtures"')
+    assert shared_paths('P = Path(__file__).parents[3] / "' + 'shared" / "fixtures"')
     assert shared_paths('P = ROOT / "' + ".." + '/shared/fixtures/istio-onboarding"')
     assert shared_paths('P = os.path.join(HERE, "..", "..", "shared", "reference")')
     assert not shared_paths('HOST = "shared.example.com"; doc = """shared in-flight requests"""')
