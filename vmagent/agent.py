@@ -15,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -344,6 +342,7 @@ class Agent:
             "health": self.health.status().as_dict() if self.health else None,
             "envoy": self.dataplane.status() if self.dataplane else None,
             "xds_proxy": self.dataplane.proxy.snapshot() if self.dataplane else None,
+            "capture": self.capture.status(),
             "parts": self.supervisor.snapshot(),
             # Counts only: the table itself is /debug/ndsz (rendered off the event loop).
             "name_table": {
@@ -363,13 +362,19 @@ def probe_origin(config: Config) -> str:
 
 
 def host_addresses() -> list[str]:
-    """The host's addresses (``ip -j addr``; the resolver's view of the hostname otherwise)."""
+    """The host's addresses, every interface (psutil's getifaddrs(3); no `ip` child: the
+    unit's seccomp filter kills iproute2 in some containers). The resolver's view of the
+    hostname if that fails."""
+    import psutil  # only here: most commands never need it
+
     try:
-        out = subprocess.run(
-            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout
-        return [a["local"] for link in json.loads(out) for a in link.get("addr_info", [])]
-    except (OSError, subprocess.SubprocessError, ValueError, KeyError, TypeError):
+        return [
+            str(a.address)
+            for addrs in psutil.net_if_addrs().values()
+            for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6)
+        ]
+    except OSError:
         with contextlib.suppress(OSError):
             return [str(ai[4][0]) for ai in socket.getaddrinfo(socket.gethostname(), None)]
         return []

@@ -25,9 +25,10 @@ import asyncio
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from vmagent.capture import CaptureError, apply_capture, clean_capture, wanted
-from vmagent.capture.shell import APPLIED_MARKER, proxy_ids
+from vmagent.capture.shell import APPLIED_MARKER, proxy_ids, read_dns_state
 from vmagent.config import Config
 from vmagent.config_values import ConfigError
 
@@ -35,6 +36,7 @@ log = logging.getLogger("vmagent")
 
 CAP_NET_ADMIN = 12  # <linux/capability.h>
 SETTINGS = "ISTIO_META_DNS_CAPTURE / ISTIO_SERVICE_CIDR / ISTIO_INBOUND_PORTS"
+BY_AGENT, BY_APPLY = "agent", "vmagent capture apply"
 
 
 def has_net_admin(status: str) -> bool:
@@ -61,7 +63,9 @@ class AgentCapture:
         # VMAGENT_CAPTURE=false: the rules are `vmagent capture apply`'s business alone.
         self.wanted = wanted(config) and config.vmagent_capture
         self.capable = self.wanted and _own_net_admin()
+        self.asked = wanted(config)  # cluster.env asks, whatever VMAGENT_CAPTURE says
         self.applied = False  # by this agent: only then is it cleaned on stop
+        self.last_error: str | None = None
 
     def prepare(self) -> None:
         """As root with capture to apply: take the first exempt gid (real, effective, saved;
@@ -124,4 +128,30 @@ class AgentCapture:
             await asyncio.to_thread(clean_capture, self.config)
             log.info("capture: removed")
         except (CaptureError, OSError) as exc:
+            self.last_error = f"could not remove the rules: {exc}"
             log.error("capture: could not remove the rules: %s; run `vmagent capture clean`", exc)
+
+    def status(self) -> dict[str, Any]:
+        """The capture part of the agent's raw state (:meth:`vmagent.agent.Agent.state`):
+        ``{asked, wanted, applied, by, dns_captured, dns_redirect, dns_redirect_since,
+        last_error}``. ``applied`` is read from the marker now (``vmagent capture clean`` run
+        meanwhile shows as not applied); ``by``: "agent", "vmagent capture apply" (the marker
+        without this agent applying: root did beforehand) or None; ``dns_redirect``: "on",
+        "off" (dropped by the fail-open watchdog: the agent's DNS port did not answer) or None
+        (DNS not captured, or not known), ``dns_redirect_since`` its epoch seconds. Two small
+        reads in VMAGENT_RUN_DIR (a tmpfs)."""
+        run_dir = self.config.vmagent_run_dir
+        marked = (Path(run_dir) / APPLIED_MARKER).exists()
+        applied = marked  # the agent's own apply leaves the marker too
+        by = (BY_AGENT if self.applied else BY_APPLY) if applied else None
+        redirect, since, watch_error = read_dns_state(run_dir) if applied else (None, None, None)
+        return {
+            "asked": self.asked,
+            "wanted": self.wanted,
+            "applied": applied,
+            "by": by,
+            "dns_captured": bool(self.config.istio_meta_dns_capture),
+            "dns_redirect": redirect,
+            "dns_redirect_since": since,
+            "last_error": self.last_error or watch_error,
+        }

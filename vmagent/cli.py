@@ -38,6 +38,7 @@ _COMMAND_MODULES = {
     "devmesh": "vmagent.devmesh.command",
     "dev": "vmagent.devmesh.dev",
     "capture": "vmagent.capture.command",
+    "onboard": "vmagent.onboard.command",
 }
 _VALUED_OPTIONS = ("--cluster-env", "--log-level")  # global options that take the next word
 
@@ -141,6 +142,14 @@ def _config_show(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _config_reference(args: argparse.Namespace, config: Config) -> int:
+    """``vmagent config reference > docs/configuration.md`` (what scripts/gen-docs runs)."""
+    from vmagent.config_reference import reference
+
+    sys.stdout.write(reference())
+    return 0
+
+
 def _add_global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
     """The options every command takes, before or after its name (``vmagent --cluster-env F
     config show`` = ``vmagent config show --cluster-env F``). On subcommands the defaults are
@@ -198,6 +207,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     config_sub = config_cmd.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
     show = config_sub.add_parser("show", help="print every setting, its value and its source")
     show.set_defaults(run=_config_show)
+    reference = config_sub.add_parser(
+        "reference", help="print the reference of every setting and command (markdown)"
+    )
+    reference.set_defaults(run=_config_reference)
 
     for register in _registrars(command):
         register(commands)
@@ -237,6 +250,7 @@ def _main(argv: Sequence[str] | None) -> int:
     overrides_of: Callable[[argparse.Namespace], dict[str, Any]] | None = getattr(
         args, "overrides", None
     )
+    config: Config | None
     try:
         config = load_config(
             os.environ,
@@ -245,10 +259,16 @@ def _main(argv: Sequence[str] | None) -> int:
             flags=getattr(args, "flags", None),  # key -> flag, so errors name the flag
         )
     except ConfigError as exc:
-        print(f"vmagent: configuration error: {exc}", file=sys.stderr)
-        return 2
+        if getattr(args, "needs_config", True) is False:
+            # onboard replaces a broken configuration; status still finds a running agent
+            # (its socket has a default) and reports what it can. Each says why it had none.
+            args.config_error = str(exc)
+            config = None
+        else:
+            print(f"vmagent: configuration error: {exc}", file=sys.stderr)
+            return 2
     try:
-        return run(args, config)
+        return run(args, config)  # type: ignore[arg-type]  # None only when needs_config False
     except BrokenPipeError:  # `vmagent config show | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import pwd
@@ -41,6 +42,9 @@ WATCH_PID = "capture-watch.pid"
 # Left in VMAGENT_RUN_DIR by apply, removed by clean: a `vmagent run` without CAP_NET_ADMIN
 # (as the exempt user, Istio's VM way) takes it as "installed by root" (vmagent/agent_capture.py).
 APPLIED_MARKER = "capture.applied"
+# The DNS redirect's state as last set (apply, the watchdog), for `vmagent status`: JSON
+# {"dns_redirect": "on"|"off", "error": str|null}; absent when DNS is not captured.
+DNS_STATE = "capture-dns.json"
 
 
 class CaptureError(RuntimeError):
@@ -193,7 +197,9 @@ def apply_capture(config: Config, watchdog: bool = True) -> None:
             config.vmagent_resolv_conf,
         )
     _stop_watchdog(config)
-    _transact(config, initial_dns_live(config, watchdog), clean=False)
+    live = initial_dns_live(config, watchdog)
+    _transact(config, live, clean=False)
+    record_dns(config, live if spec.dns_active() else None)
     if watchdog and spec.dns_active():
         _start_watchdog(config)
     (Path(config.vmagent_run_dir) / APPLIED_MARKER).write_text("vmagent capture apply\n")
@@ -204,6 +210,38 @@ def clean_capture(config: Config) -> None:
     _stop_watchdog(config)
     _transact(config, dns_live=True, clean=True)
     (Path(config.vmagent_run_dir) / APPLIED_MARKER).unlink(missing_ok=True)
+    record_dns(config, None)
+
+
+def record_dns(config: Config, live: bool | None, error: str | None = None) -> None:
+    """Leave the DNS redirect's state in DNS_STATE for the agent's status (None: DNS not
+    captured, the file is removed). Best effort: a status hint must never stop capture."""
+    path = Path(config.vmagent_run_dir) / DNS_STATE
+    try:
+        if live is None:
+            path.unlink(missing_ok=True)
+            return
+        text = json.dumps({"dns_redirect": "on" if live else "off", "error": error})
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a document
+    except OSError as exc:
+        log.debug("capture: cannot record the DNS redirect state in %s: %s", path, exc)
+
+
+def read_dns_state(run_dir: str) -> tuple[str | None, float | None, str | None]:
+    """(``"on"``/``"off"``/None, when it last changed as epoch seconds, the watchdog's last
+    error) from DNS_STATE in ``run_dir``; (None, None, None) when absent or unreadable."""
+    path = Path(run_dir) / DNS_STATE
+    try:
+        since = path.stat().st_mtime
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, None, None
+    if not isinstance(doc, dict) or doc.get("dns_redirect") not in ("on", "off"):
+        return None, None, None
+    error = doc.get("error")
+    return str(doc["dns_redirect"]), since, str(error) if error else None
 
 
 def watch(config: Config) -> None:
@@ -226,8 +264,11 @@ def watch(config: Config) -> None:
             try:
                 _transact(config, dns_live=live, clean=False)
                 servers = now_servers
+                record_dns(config, live)
             except CaptureError as exc:
                 log.error("capture: %s", exc)
+                before = read_dns_state(config.vmagent_run_dir)[0]  # the switch did not happen
+                record_dns(config, None if before is None else before == "on", str(exc))
                 state = FailOpen(live=None)  # retry on the next probe
         time.sleep(WATCH_INTERVAL)
 

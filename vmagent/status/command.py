@@ -8,7 +8,8 @@ run by hand (``vmagent dev``, ``vmagent run`` with its own run dir) is found too
 status like LSB's ``status`` action and ``systemctl status`` (LSB 3.0.0 "Init Script Actions";
 systemctl(1)): 0 all healthy, 1 degraded or still starting (which part is said), 3 not
 running (no socket, or nothing accepts on it), 4 unknown (the socket is not accessible, or the
-agent did not answer)."""
+agent did not answer). ``--wait SECONDS`` waits up to SECONDS for "healthy" (for cloud-init's
+``runcmd``), then answers as without it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_DEGRADED, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 3, 4
 TIMEOUT_SECONDS = 5.0
 DEFAULT_WATCH_SECONDS = 2.0
+WAIT_POLL_SECONDS = 1.0  # --wait asks at most this often
+MAX_WAIT_SECONDS = 86400.0
 NOT_RUNNING = "vmagent is not running: "
 START_HINT = "; start it with `systemctl start vmagent`"
 
@@ -37,9 +40,10 @@ START_HINT = "; start it with `systemctl start vmagent`"
 class StatusError(Exception):
     """The agent could not be asked; ``code`` is the exit status, the message says why."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, lasting: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.lasting = lasting  # waiting cannot help (no permission): --wait stops at once
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -83,6 +87,7 @@ def fetch(where: str, unix: bool, timeout: float = TIMEOUT_SECONDS) -> dict[str,
             f"cannot open {where}: permission denied; run as root (sudo vmagent status) or"
             " join the group vmagent (usermod -aG vmagent $USER, then log in again)",
             EXIT_UNKNOWN,
+            lasting=True,
         ) from None
     except TimeoutError:
         raise StatusError(
@@ -138,21 +143,26 @@ def _address(raw: str) -> str:
         raise argparse.ArgumentTypeError(f"{exc}; e.g. 127.0.0.1:15020") from None
 
 
+DEFAULT_RUN_DIR = "/run/vmagent"  # Config.vmagent_run_dir's default (the unit's RuntimeDirectory)
 Target = tuple[str, bool]  # (a socket path or HOST:PORT, whether it is a Unix socket)
 
 
-def targets(addr: str | None, config: Config) -> list[Target]:
+def targets(addr: str | None, config: Config | None) -> list[Target]:
     """Where to ask, in order: ``--addr`` alone; else the Unix socket, then
-    ``VMAGENT_STATUS_ADDR`` when it is set explicitly (its source is not the default)."""
+    ``VMAGENT_STATUS_ADDR`` when it is set explicitly (its source is not the default).
+    ``config`` None (unreadable): the socket in $VMAGENT_RUN_DIR, else /run/vmagent."""
     if addr is not None:
         return [(addr, False)]
+    if config is None:
+        run_dir = os.environ.get("VMAGENT_RUN_DIR") or DEFAULT_RUN_DIR
+        return [(os.path.join(run_dir, "status.sock"), True)]
     found: list[Target] = [(os.path.join(config.vmagent_run_dir, "status.sock"), True)]
     if config.sources.get("VMAGENT_STATUS_ADDR", "default") != "default":
         found.append((config.vmagent_status_addr, False))
     return found
 
 
-def fetch_first(where: list[Target]) -> dict[str, Any]:
+def fetch_first(where: list[Target], timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
     """The document from the first target that is running; when none is, one StatusError
     (exit 3) naming each. Other errors (no permission, no answer) stop at that target: an
     agent is there."""
@@ -160,7 +170,7 @@ def fetch_first(where: list[Target]) -> dict[str, Any]:
     hint = ""
     for address, unix in where:
         try:
-            return fetch(address, unix)
+            return fetch(address, unix, timeout)
         except StatusError as exc:
             if exc.code != EXIT_NOT_RUNNING:
                 raise
@@ -173,22 +183,101 @@ def fetch_first(where: list[Target]) -> dict[str, Any]:
     raise StatusError(NOT_RUNNING + ", ".join(missing) + hint, EXIT_NOT_RUNNING)
 
 
+def _seconds(example: str) -> Callable[[str], float]:
+    """An argparse type for ``--wait``/``--watch``: seconds, 0 < SECONDS <= 86400 (argparse
+    makes the error a usage error, exit 2, naming the flag; ``example`` shows a good one)."""
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= MAX_WAIT_SECONDS:  # also NaN and inf
+            raise argparse.ArgumentTypeError(
+                f"{raw!r} is not a number of seconds between 0 (excluded) and"
+                f" {MAX_WAIT_SECONDS:g}; e.g. {example}"
+            )
+        return value
+
+    return parse
+
+
+def _count(raw: str) -> int:
+    """``--count``'s type: a whole number of rounds >= 1."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of rounds >= 1; e.g. --count 3")
+    return value
+
+
 def run_status(
-    args: argparse.Namespace, config: Config, sleep: Callable[[float], None] = time.sleep
+    args: argparse.Namespace,
+    config: Config | None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> int:
     where = targets(args.addr, config)
-    if args.watch is None:
-        try:
+    if args.watch is not None:
+        return _watch(where, args, sleep)
+    try:
+        if getattr(args, "wait", None) is None:
             view = fetch_first(where)
+        else:
+            view = _wait(where, float(args.wait), sleep, clock)
+    except StatusError as exc:
+        print(f"vmagent status: {exc}", file=sys.stderr)
+        if config is None:
+            print(
+                f"vmagent status: (configuration not read: {args.config_error}; asked the"
+                " default socket)",
+                file=sys.stderr,
+            )
+        return exc.code
+    _show(view, args.json, None)
+    line = summary(view)
+    if line:
+        print(line, file=sys.stderr)
+    return exit_status(view)
+
+
+def _wait(
+    where: list[Target], seconds: float, sleep: Callable[[float], None], clock: Callable[[], float]
+) -> dict[str, Any]:
+    """Ask every WAIT_POLL_SECONDS until the agent is healthy or ``seconds`` have passed;
+    the last answer (a view, or the StatusError raised). Not running yet (the service may be
+    starting), starting, degraded (a part may still recover) and no answer are waited
+    through; an error waiting cannot fix (no permission) is raised at once. What is awaited
+    is said on stderr when it changes (cloud-init's log)."""
+    deadline = clock() + seconds
+    said = ""
+    while True:
+        remaining = deadline - clock()
+        try:
+            view = fetch_first(where, max(0.1, min(TIMEOUT_SECONDS, remaining)))
         except StatusError as exc:
-            print(f"vmagent status: {exc}", file=sys.stderr)
-            return exc.code
-        _show(view, args.json, None)
-        line = summary(view)
-        if line:
-            print(line, file=sys.stderr)
-        return exit_status(view)
-    return _watch(where, args, sleep)
+            if exc.lasting:
+                raise
+            last: dict[str, Any] | StatusError = exc
+            waiting = "not running yet" if exc.code == EXIT_NOT_RUNNING else "no answer"
+        else:
+            if view.get("state") == "healthy":
+                return view
+            last, waiting = view, summary(view) or ""
+            waiting = waiting.removeprefix("vmagent status: ")
+        remaining = deadline - clock()
+        if remaining <= 0:
+            if isinstance(last, StatusError):
+                raise last
+            return last
+        if waiting != said:
+            print(
+                f"vmagent status: waiting up to {remaining:.0f}s more: {waiting}", file=sys.stderr
+            )
+            said = waiting
+        sleep(min(WAIT_POLL_SECONDS, remaining))
 
 
 def _watch(where: list[Target], args: argparse.Namespace, sleep: Callable[[float], None]) -> int:
@@ -240,13 +329,27 @@ def register(commands: Any) -> None:
         "the environment or cluster.env is asked when the socket does not answer",
     )
     parser.add_argument("--json", action="store_true", help="print the status document")
-    parser.add_argument(
+    repeat = parser.add_mutually_exclusive_group()
+    repeat.add_argument(
+        "--wait",
+        type=_seconds("--wait 300"),
+        metavar="SECONDS",
+        help="wait up to SECONDS (at most 86400) for the agent to be healthy, asking once a"
+        " second (not running yet and starting are waited through), then answer as without"
+        " it: exit 0 as soon as it is healthy, else the status at the deadline (for"
+        " cloud-init: runcmd: [vmagent status --wait 300])",
+    )
+    repeat.add_argument(
         "--watch",
         nargs="?",
-        type=float,
+        type=_seconds("--watch 2"),
         const=DEFAULT_WATCH_SECONDS,
         metavar="SECONDS",
         help=f"repeat every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until Ctrl-C",
     )
-    parser.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N rounds")
-    parser.set_defaults(run=run_status)
+    parser.add_argument(
+        "--count", type=_count, metavar="N", help="with --watch: stop after N rounds"
+    )
+    # A configuration it cannot read (not in the vmagent group) must not hide the agent:
+    # the default socket is still tried (cli passes config None).
+    parser.set_defaults(run=run_status, needs_config=False)

@@ -137,6 +137,23 @@ def _envoy(envoy: Mapping[str, Any] | None) -> Iterator[Metric]:
         yield _gauge("vmagent_envoy_resident_memory_bytes", "Envoy's resident memory", rss)
 
 
+def _capture(capture: Mapping[str, Any] | None) -> Iterator[Metric]:
+    if capture is None:
+        return
+    yield _gauge(
+        "vmagent_capture_applied",
+        "1 while traffic capture is in place (by the agent or `vmagent capture apply`)",
+        bool(capture.get("applied")),
+    )
+    redirect = capture.get("dns_redirect")
+    if redirect is not None:  # known only while DNS is captured
+        yield _gauge(
+            "vmagent_capture_dns_redirect",
+            "1 while DNS is redirected to the agent, 0 when the fail-open watchdog dropped it",
+            redirect == "on",
+        )
+
+
 def families(doc: Mapping[str, Any], now: float) -> Iterator[Metric]:
     """Metric families from the raw state ``doc`` at wall-clock ``now`` (pure)."""
     info = GaugeMetricFamily("vmagent_build_info", "vmagent's version", labels=["version"])
@@ -151,6 +168,7 @@ def families(doc: Mapping[str, Any], now: float) -> Iterator[Metric]:
     yield from _dns(doc.get("dns") or {}, doc.get("name_table") or {}, now)
     yield from _health(doc.get("health"))
     yield from _envoy(doc.get("envoy"))
+    yield from _capture(doc.get("capture"))
     restarts = CounterMetricFamily(
         "vmagent_part_restarts", "Restarts of the agent's parts after a failure", labels=["part"]
     )

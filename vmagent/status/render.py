@@ -1,7 +1,8 @@
 """``vmagent status``'s human output (pure: the ``/status?v=1`` document in, text out).
 
-Sections: overall state, identity, control plane, health, Envoy, DNS, then the problems in
-words that say what to do. Times are shown as given (RFC 3339 UTC) with a relative hint."""
+Sections: overall state, identity, control plane, health, Envoy, DNS, capture, then the
+problems in words that say what to do. Times are shown as given (RFC 3339 UTC) with a
+relative hint."""
 
 from __future__ import annotations
 
@@ -59,6 +60,33 @@ def _result(result: Mapping[str, Any] | None) -> str:
         return "-"
     state = "healthy" if result.get("healthy") else "unhealthy"
     return f"{state}: {result['message']}" if result.get("message") else state
+
+
+def _capture(capture: Mapping[str, Any] | None, now: float) -> list[str]:
+    """The Capture section: off (and why), or applied (by whom) and the DNS redirect."""
+    if capture is None:
+        return []
+    if not capture.get("wanted") and not capture.get("applied"):
+        why = (
+            "VMAGENT_CAPTURE=false"
+            if capture.get("cluster_env_asks")
+            else "cluster.env asks for none"
+        )
+        return ["Capture", f"  off ({why})", ""]
+    if not capture.get("dns_captured"):
+        redirect = "not captured (ISTIO_META_DNS_CAPTURE is not true)"
+    elif capture.get("dns_redirect") == "off":
+        redirect = "off: dropped by the fail-open watchdog, since " + _ago(
+            capture.get("dns_redirect_since"), now
+        )
+    else:
+        redirect = capture.get("dns_redirect") or "unknown"
+    applied = capture.get("applied")
+    return _section("Capture", [
+        ("applied", f"yes, by {capture.get('by')}" if applied else "no"),
+        ("DNS redirect", redirect if applied else "-"),
+        ("last error", capture.get("last_error")),
+    ])  # fmt: skip
 
 
 def render(view: Mapping[str, Any], qps: float | None = None) -> str:
@@ -124,6 +152,7 @@ def render(view: Mapping[str, Any], qps: float | None = None) -> str:
             + ("" if qps is not None else " (average since start)")),
         ("upstream failures", dns.get("upstream_failures")),
     ])  # fmt: skip
+    lines += _capture(view.get("capture"), now)
     found = view.get("problems") or []
     if not found:
         lines.append("No problems.")

@@ -162,6 +162,21 @@ def _dns(raw: Mapping[str, Any], table: Mapping[str, Any], now: float, up: float
     }
 
 
+def _capture(raw: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if raw is None:  # an agent older than this key
+        return None
+    return {
+        "cluster_env_asks": bool(raw.get("asked")),
+        "wanted": bool(raw.get("wanted")),
+        "applied": bool(raw.get("applied")),
+        "by": raw.get("by"),
+        "dns_captured": bool(raw.get("dns_captured")),
+        "dns_redirect": raw.get("dns_redirect"),
+        "dns_redirect_since": rfc3339(raw.get("dns_redirect_since")),
+        "last_error": raw.get("last_error"),
+    }
+
+
 def _parts(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {
         name: {
@@ -192,6 +207,7 @@ def status_v1(doc: Mapping[str, Any], now: float) -> dict[str, Any]:
         "health": _health(doc.get("health")),
         "envoy": _envoy(doc.get("envoy")),
         "dns": _dns(doc.get("dns") or {}, doc.get("name_table") or {}, now, now - started),
+        "capture": _capture(doc.get("capture")),
         "parts": _parts(doc.get("parts") or {}),
     }
     found = problems(out, now)
@@ -260,6 +276,7 @@ def problems(view: Mapping[str, Any], now: float) -> list[dict[str, str]]:
             "dns", "the DNS proxy has no name table yet",
             "it arrives from the control plane once connected",
         ))  # fmt: skip
+    found += capture_problems(view.get("capture"))
     for name, part in (view.get("parts") or {}).items():
         if part.get("state") in ("restarting", "failed"):
             found.append(_problem(
@@ -270,6 +287,41 @@ def problems(view: Mapping[str, Any], now: float) -> list[dict[str, str]]:
     for reason in view.get("not_ready") or []:
         if not any(_mentions(reason, part) for part in reported):
             found.append(_problem("readiness", reason, "see the sections above"))
+    return found
+
+
+def capture_problems(capture: Mapping[str, Any] | None) -> list[dict[str, str]]:
+    """Capture's problems (docs/capture.md): wanted but not in place; the DNS redirect dropped
+    by the fail-open watchdog (istio/istio#33454: it must never point at a dead agent); an
+    error the agent or the watchdog met. Capture not wanted is no problem."""
+    if capture is None:
+        return []
+    error = capture.get("last_error")
+    if capture.get("wanted") and not capture.get("applied"):
+        return [_problem(
+            "capture",
+            "traffic capture is wanted (cluster.env) but not applied"
+            + (f": {error}" if error else ""),
+            "the applications' traffic and DNS bypass the mesh: restart the agent"
+            " (`systemctl restart vmagent`: it applies capture itself), or run"
+            " `sudo vmagent capture apply`",
+        )]  # fmt: skip
+    found: list[dict[str, str]] = []
+    if capture.get("applied") and capture.get("dns_redirect") == "off":
+        found.append(_problem(
+            "capture",
+            "the DNS redirect was dropped by the fail-open watchdog (the agent's DNS port did"
+            " not answer)",
+            "DNS is answered by the host resolver; mesh names won't resolve until the agent's"
+            " DNS proxy answers again (the watchdog then restores the redirect within seconds);"
+            " see `journalctl -u vmagent` and capture-watch.log in VMAGENT_RUN_DIR",
+        ))  # fmt: skip
+    if capture.get("applied") and error:
+        found.append(_problem(
+            "capture", f"capture: {error}",
+            "see capture-watch.log in VMAGENT_RUN_DIR; `sudo vmagent capture apply` re-applies"
+            " the rules",
+        ))  # fmt: skip
     return found
 
 
