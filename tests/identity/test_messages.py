@@ -14,7 +14,7 @@ import pytest
 from vmagent.identity import IdentityError
 from vmagent.identity.ca_client import ca_target
 from vmagent.identity.channel import DNS, explain
-from vmagent.xds.client import xds_target
+from vmagent.xds.clienttypes import xds_target
 
 from .helpers import agent, ca_settings, make_config, running_ca
 

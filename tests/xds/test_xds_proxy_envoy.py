@@ -28,7 +28,7 @@ from xds_proxy_helpers import (
 
 from vmagent.envoy import envoy_options
 from vmagent.health import HealthEvent as Health
-from vmagent.xds.client import upstream_kind
+from vmagent.xds.clienttypes import upstream_kind
 from vmagent.xds.proxy import xds_socket_path
 from vmagent.xds.proxycore import DELTA, SOTW
 
