@@ -111,7 +111,8 @@ def test_deb_maintainer_scripts(built: Built, tmp_path: Path) -> None:
     assert "adduser --system" in postinst and "vmagent-envoy" in postinst
     assert "deb-systemd-helper enable vmagent.service" in postinst
     # Started only once configured; an upgrade restarts a running agent only.
-    assert "elif configured; then" in postinst and "try-restart vmagent.service" in postinst
+    assert "elif configured; then" in postinst and "invoke_no_block try-restart" in postinst
+    assert 'systemctl --no-block "$1" vmagent.service' in postinst  # never waits for istiod
     assert "deb-systemd-invoke stop vmagent.service" in (tmp_path / "control" / "prerm").read_text()
     postrm = (tmp_path / "control" / "postrm").read_text()
     assert 'if [ "$1" = purge ]' in postrm and "rm -rf /etc/vmagent /var/lib/vmagent" in postrm
@@ -145,7 +146,8 @@ def test_rpm_declares_what_el9_needs(built: Built) -> None:
     assert "useradd -r -g vmagent " in scripts and "vmagent-envoy" in scripts
     assert "systemctl --no-reload enable vmagent.service" in scripts
     assert "systemctl --no-reload disable --now vmagent.service" in scripts
-    assert "systemctl try-restart vmagent.service" in scripts
+    assert "systemctl --no-block try-restart vmagent.service" in scripts
+    assert "systemctl --no-block start vmagent.service" in scripts
 
 
 def test_lintian_is_clean(built: Built) -> None:

@@ -376,7 +376,12 @@ def test_scriptlets_drive_a_running_systemd(
         # %postun of the old package ($1 = 1): the running agent restarts into the new one.
         upgraded = rpm_root.live("-U", rebuilt_packages[1])
         assert (upgraded.returncode, upgraded.stdout, upgraded.stderr) == (0, "", ""), upgraded
-        assert active(machine) == "active" and machine.main_pid() not in (0, first)
+        # --no-block: the restart is queued, the upgrade does not wait for READY=1.
+        machine.wait_for(
+            lambda: active(machine) == "active" and machine.main_pid() not in (0, first),
+            60,
+            "the agent restarted into the new version",
+        )
         assert rpm_root.rpm("-q", "vmagent").stdout.startswith("vmagent-0")
         assert machine.sh("vmagent status").returncode == 0
 
@@ -391,6 +396,7 @@ def test_scriptlets_drive_a_running_systemd(
 
         # %post, configured (the onboarding files stayed): enabled and started.
         again = rpm_root.live("-i", built.rpm)
-        assert (again.returncode, again.stdout, again.stderr) == (0, "", ""), again
+        assert (again.returncode, again.stderr) == (0, ""), again
+        assert "vmagent status --wait 300" in again.stdout  # started, not waited for
         assert machine.sh("systemctl is-enabled vmagent").stdout.strip() == "enabled"
-        assert active(machine) == "active" and machine.sh("vmagent status").returncode == 0
+        assert machine.sh("vmagent status --wait 60").returncode == 0
