@@ -281,6 +281,7 @@ def test_install_on_a_running_system_starts_only_when_configured(
         fresh = machine.sh(f"apt-get install -y -q {inside}")
         assert fresh.returncode == 0, fresh.stdout + fresh.stderr
         assert "installed and enabled, not started" in fresh.stdout
+        assert "vmagent onboard --from DIR" in fresh.stdout
         assert machine.sh("systemctl is-enabled vmagent").stdout.strip() == "enabled"
         assert machine.sh("systemctl is-active vmagent").stdout.strip() == "inactive"
         not_running = machine.sh("vmagent status")
@@ -296,6 +297,8 @@ def test_install_does_not_wait_for_an_unreachable_istiod(
     """Onboarding files first (as cloud-init writes them), istiod not reachable: apt-get
     returns with the agent starting, it does not hang until TimeoutStartSec (5 min)."""
     root = Root(tmp_path / "root", tarball)
+    # A short start timeout: the agent's EXTEND_TIMEOUT_USEC keeps it from being killed.
+    root.write("/etc/systemd/system/vmagent.service.d/test.conf", "[Service]\nTimeoutStartSec=3s\n")
     onboard_before_install = onboarding_files(keys)
     root.write("/etc/vmagent/mesh.yaml", f"defaultConfig:\n  discoveryAddress: {CLOUD_IP}:1\n")
     for name in ("cluster.env", "root-cert.pem", "istio-token"):
@@ -311,6 +314,18 @@ def test_install_does_not_wait_for_an_unreachable_istiod(
             30,
             "the agent to be starting (waiting for istiod)",
         )
-        waiting = machine.sh("vmagent status --wait 3")
+        first = machine.main_pid()
+        waiting = machine.sh("vmagent status --wait 8")
         assert waiting.returncode == 1, waiting  # running, not healthy: says why
         assert f"{CLOUD_IP}:1" in waiting.stdout + waiting.stderr
+        # Well past TimeoutStartSec=3s: still the same agent, still starting, not killed.
+        assert machine.main_pid() == first
+        assert machine.sh("systemctl is-active vmagent").stdout.strip() == "activating"
+        assert "timed out" not in machine.sh("journalctl -u vmagent --no-pager").stdout
+        # istiod reachable again (the address fixed): ready without a restart of the unit.
+        root.write("/etc/vmagent/mesh.yaml", onboard_before_install["mesh.yaml"])
+        with root.file("/etc/hosts").open("a") as hosts:
+            hosts.write(onboard_before_install["hosts"])
+        machine.sh(f"kill -HUP {first}")
+        assert machine.sh("vmagent status --wait 60").returncode == 0
+        assert machine.sh("systemctl is-active vmagent").stdout.strip() == "active"

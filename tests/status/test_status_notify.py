@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from vmagent.status.notify import Notifier, NotifyState, progress, watchdog_interval
+from vmagent.status.notify import (
+    EXTEND_EVERY_SECONDS,
+    EXTEND_SECONDS,
+    Notifier,
+    NotifyState,
+    progress,
+    watchdog_interval,
+)
 
 
 def test_status_lines_while_starting_then_ready_once() -> None:
@@ -117,3 +124,18 @@ def test_run_pings_the_watchdog_from_the_loop(tmp_path: Path) -> None:
     assert got.count("READY=1") == 1
     assert got.index("READY=1") > got.index("STATUS=ready") > 0
     assert got.count("WATCHDOG=1") >= 6  # every 0.1 s for ~1 s
+
+
+def test_a_start_still_waiting_extends_the_start_timeout_until_ready() -> None:
+    """EXTEND_TIMEOUT_USEC every EXTEND_EVERY_SECONDS while not ready, none after READY=1:
+    a start waiting for istiod is not killed at TimeoutStartSec (the boot test
+    test_install_does_not_wait_for_an_unreachable_istiod shows it under systemd)."""
+    state = NotifyState()
+    extend = f"EXTEND_TIMEOUT_USEC={int(EXTEND_SECONDS * 1e6)}"
+    assert extend in state.observe(["control plane not connected yet"], 100.0)
+    assert state.observe(["control plane not connected yet"], 101.0) == []
+    due = 100.0 + EXTEND_EVERY_SECONDS
+    assert state.observe(["control plane not connected yet"], due) == [extend]
+    assert EXTEND_EVERY_SECONDS < EXTEND_SECONDS / 2  # two chances before it runs out
+    assert state.observe([], due + 1) == ["STATUS=ready", "READY=1"]
+    assert state.observe(["control plane not connected yet"], due + 100)[1:] == []

@@ -10,7 +10,9 @@ nothing: ``vmagent run`` outside systemd behaves as before.
 READY=1 goes out once, the first time the agent is ready by the same rule as
 ``/healthz/ready`` (no reasons left), never before: hashicorp/consul#7137 is what comes of a
 notify that never arrives, and an early one makes ``systemctl start`` lie. Before that,
-``STATUS=`` says what the agent is waiting for (:func:`progress`)."""
+``STATUS=`` says what the agent is waiting for (:func:`progress`); ``EXTEND_TIMEOUT_USEC=``
+keeps a start that is making progress from being killed at ``TimeoutStartSec``
+(sd_notify(3))."""
 
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ from dataclasses import dataclass
 log = logging.getLogger("vmagent.status")
 
 POLL_SECONDS = 0.5  # how often readiness is re-checked for READY=1 / STATUS=
+# While starting, EXTEND_TIMEOUT_USEC= pushes systemd's start timeout (TimeoutStartSec) this
+# far ahead, every EXTEND_EVERY_SECONDS, from the event loop: a start waiting for an
+# unreachable istiod is retried inside the agent and not killed and restarted (taking the DNS
+# proxy and the capture rules with it), while a hung start stops extending and is killed.
+EXTEND_SECONDS = 60.0
+EXTEND_EVERY_SECONDS = 20.0
 
 # Why-not-ready reasons (Agent.not_ready) -> what STATUS= says while starting.
 _WAITING = (
@@ -52,8 +60,11 @@ class NotifyState:
 
     ready_sent: bool = False
     last_status: str | None = None
+    next_extend: float | None = None  # when EXTEND_TIMEOUT_USEC is next due (monotonic s)
 
-    def observe(self, reasons: Sequence[str]) -> list[str]:
+    def observe(self, reasons: Sequence[str], now: float | None = None) -> list[str]:
+        """Messages for readiness ``reasons`` at ``now`` (monotonic seconds; None: no
+        EXTEND_TIMEOUT_USEC, as when systemd is not waiting for READY=1)."""
         messages: list[str] = []
         status = progress(reasons)
         if status != self.last_status:
@@ -62,6 +73,10 @@ class NotifyState:
         if not reasons and not self.ready_sent:
             self.ready_sent = True
             messages.append("READY=1")
+        due = now is not None and (self.next_extend is None or now >= self.next_extend)
+        if reasons and not self.ready_sent and due and now is not None:
+            self.next_extend = now + EXTEND_EVERY_SECONDS
+            messages.append(f"EXTEND_TIMEOUT_USEC={int(EXTEND_SECONDS * 1e6)}")
         return messages
 
 
@@ -128,7 +143,7 @@ class Notifier:
         loop = asyncio.get_running_loop()
         next_ping = loop.time()
         while True:
-            self.send(*self.state.observe(not_ready()))
+            self.send(*self.state.observe(not_ready(), loop.time()))
             pause = POLL_SECONDS
             if self.watchdog is not None:
                 now = loop.time()
