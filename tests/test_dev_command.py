@@ -195,9 +195,11 @@ def banner_request(output: str) -> list[str]:
 
 
 def banner_status(output: str) -> list[str]:
-    """The banner's ``vmagent status --addr HOST:PORT`` line, as argv for this interpreter."""
-    (line,) = [ln for ln in output.splitlines() if ln.strip().startswith("vmagent status")]
-    return [sys.executable, "-m", "vmagent", *shlex.split(line.strip())[1:]]
+    """The banner's ``vmagent status --addr HOST:PORT`` line (its program spelled as the user
+    can paste it: ``vmagent`` or a path), as argv for this interpreter."""
+    (line,) = [ln for ln in output.splitlines() if " status --addr " in ln]
+    words = shlex.split(line.strip())
+    return [sys.executable, "-m", "vmagent", *words[words.index("status") :]]
 
 
 def run_status(argv: list[str]) -> subprocess.CompletedProcess[str] | None:

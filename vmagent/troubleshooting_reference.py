@@ -77,6 +77,10 @@ SCENARIOS: tuple[tuple[str, Callable[[dict[str, Any]], None]], ...] = (
         "readiness probe failing",
         _set("health", {"state": "unhealthy", "last_result": {"message": "PROBE_RESULT"}}),
     ),
+    (
+        "readiness probe held back: Envoy not ready",
+        _set("health", {"state": "unhealthy", "last_result": {"message": "Envoy not ready: R"}}),
+    ),
     ("Envoy not LIVE", _set("envoy", {"live": False, "not_ready": "REASON", "state": "STATE"})),
     ("no name table", _set("dns.ready", False)),
     (

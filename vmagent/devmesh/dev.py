@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import shutil
-import time
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,12 +31,23 @@ from vmagent.config import Config, ConfigError, load_config
 from vmagent.devmesh.controlplane import DEFAULT_DEBUG_LISTEN, ControlPlaneSettings
 from vmagent.devmesh.dataplane_model import DataplaneOptions
 from vmagent.devmesh.demoapp import DemoApp, start_demo_app
-from vmagent.devmesh.dev_envoy import app_port_move, check_envoy_ports, mesh_request_lines
+from vmagent.devmesh.dev_agent import DEV_FLAGS as DEV_FLAGS  # config_reference reads it
+from vmagent.devmesh.dev_agent import app_probe, preflight, prepare_agent, probe_port
+from vmagent.devmesh.dev_envoy import (
+    app_port_move,
+    check_envoy_ports,
+    mesh_request_lines,
+)
+from vmagent.devmesh.dev_ports import (
+    dns_type,
+    listen_type,
+    port_type,
+    program,
+)
 from vmagent.devmesh.serve import DevMesh, running_devmesh
 from vmagent.devmesh.services import ConfigFileError, WorkloadGroup, load_directory
 from vmagent.devmesh.settings import DevCaSettings
 from vmagent.health import ProbeSpecError
-from vmagent.identity.store import atomic_write
 from vmagent.xds import NodeError, usable_ips
 
 log = logging.getLogger("vmagent.dev")
@@ -97,19 +107,35 @@ def register(commands: Any) -> None:
     )
     dev.add_argument("--dir", default=".vmagent-dev", help="state directory (.vmagent-dev)")
     dev.add_argument("--group", default="vm/vm-web", metavar="NS/NAME", help="WorkloadGroup")
+    # Every port flag is checked here: a bad value is a usage error (exit 2) naming the flag.
     dev.add_argument(
-        "--listen", default="127.0.0.1:15012", metavar="HOST:PORT", help="devmesh CA + xDS"
+        "--listen",
+        type=listen_type("127.0.0.1:15012"),
+        default="127.0.0.1:15012",
+        metavar="HOST:PORT",
+        help="devmesh CA + xDS",
     )
     dev.add_argument(
         "--debug-listen",
+        type=listen_type("127.0.0.1:15014", allow_empty=True),
         default=DEFAULT_DEBUG_LISTEN,
         metavar="HOST:PORT",
         help="devmesh debug HTTP ('' for none)",
     )
-    dev.add_argument("--dns-listen", metavar="HOST:PORT", help="the agent's DNS proxy")
-    dev.add_argument("--status-listen", metavar="HOST:PORT", help="the agent's status endpoint")
     dev.add_argument(
-        "--app-port", type=_port, metavar="PORT", help="the demo app's port on 127.0.0.1"
+        "--dns-listen", type=dns_type, metavar="HOST:PORT", help="the agent's DNS proxy"
+    )
+    dev.add_argument(
+        "--status-listen",
+        type=listen_type("127.0.0.1:15020", allow_zero=False),
+        metavar="HOST:PORT",
+        help="the agent's status endpoint",
+    )
+    dev.add_argument(
+        "--app-port",
+        type=port_type("8080"),
+        metavar="PORT",
+        help="the demo app's port on 127.0.0.1",
     )
     dev.add_argument("--no-app", action="store_true", help="do not start the demo app")
     envoy = dev.add_argument_group("Envoy (see 'Envoy's ports' below)")
@@ -120,7 +146,7 @@ def register(commands: Any) -> None:
         ("--readiness-port", "Envoy's /healthz/ready listener port"),
         ("--prometheus-port", "Envoy's /stats/prometheus listener port"),
     ):
-        envoy.add_argument(flag, type=_port, metavar="PORT", help=what)
+        envoy.add_argument(flag, type=port_type("25000"), metavar="PORT", help=what)
     envoy.add_argument(
         "--outbound-bind",
         type=_address,
@@ -130,16 +156,6 @@ def register(commands: Any) -> None:
     )
     envoy.add_argument("--ip", type=_address, metavar="ADDRESS", help="the VM's address")
     dev.set_defaults(run=_run_dev)
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = 0
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
-    return port
 
 
 def _address(text: str) -> str:
@@ -189,7 +205,9 @@ async def run_dev(args: argparse.Namespace) -> int:
     )
     first = load_directory(str(config_dir))
     wanted = first.group(namespace, group_name)
-    move = app_port_move(first, wanted, args.app_port) if wanted else None
+    if wanted is None:
+        raise ValueError(f"no WorkloadGroup {args.group} in {config_dir}")
+    move = app_port_move(first, wanted, args.app_port)
     dataplane = DataplaneOptions(
         capture=False,  # no iptables yet: listeners are called directly
         listen_address=ip,
@@ -201,13 +219,16 @@ async def run_dev(args: argparse.Namespace) -> int:
     settings = ControlPlaneSettings(
         config_dir=str(config_dir), debug_listen=args.debug_listen, dataplane=dataplane
     )
+    problems = preflight(args, first, wanted, dataplane, workdir / "agent", ip)
+    if problems:  # before anything starts: a usage error, as argparse's (exit 2)
+        for problem in problems:
+            print(f"vmagent dev: {problem}", file=sys.stderr)
+        return 2
     async with running_devmesh(ca_settings, settings) as mesh:
         mesh_config = mesh.control_plane.state.config
-        group = mesh_config.group(namespace, group_name)
-        if group is None:
-            raise ValueError(f"no WorkloadGroup {args.group} in {config_dir}")
-        probe = _app_probe(group, args.app_port)
-        overrides = _prepare_agent(mesh, group, probe, workdir / "agent", ip, args)
+        group = mesh_config.group(namespace, group_name) or wanted
+        probe = app_probe(group, args.app_port)
+        overrides = prepare_agent(mesh, group, probe, workdir / "agent", ip, args)
         app = None if args.no_app else await _start_demo_app(group, probe)
         try:
 
@@ -232,15 +253,6 @@ async def run_dev(args: argparse.Namespace) -> int:
                 await app.close()
 
 
-# Settings `vmagent dev`'s flags move, with the flags' spelling (configuration errors name them).
-DEV_FLAGS = {
-    "DNS_PROXY_ADDR": "--dns-listen HOST:PORT",
-    "VMAGENT_STATUS_ADDR": "--status-listen HOST:PORT",
-    "VMAGENT_ENVOY_READINESS_PORT": "--readiness-port PORT",
-    "VMAGENT_ENVOY_PROMETHEUS_PORT": "--prometheus-port PORT",
-}
-
-
 def _with_flag(message: str, config: Config) -> str:
     """The agent's bind error, plus the ``vmagent dev`` flag that moves the port it names."""
     flags = [(address, "--dns-listen") for address in config.dns_proxy_addr]
@@ -254,83 +266,14 @@ def _with_flag(message: str, config: Config) -> str:
     return message
 
 
-def _app_probe(group: WorkloadGroup, app_port: int | None) -> dict[str, Any] | None:
-    """The readiness probe the agent runs: the group's, with its port moved to ``app_port``
-    (httpGet / tcpSocket), so the demo app and the probe meet on the port the user chose."""
-    if group.probe is None:
-        return None
-    probe: dict[str, Any] = json.loads(json.dumps(dict(group.probe)))  # a deep, plain copy
-    if app_port is not None:
-        for kind in ("httpGet", "http_get", "tcpSocket", "tcp_socket"):
-            if isinstance(probe.get(kind), dict):
-                probe[kind]["port"] = app_port
-    return probe
-
-
-def _prepare_agent(
-    mesh: DevMesh,
-    group: WorkloadGroup,
-    probe: dict[str, Any] | None,
-    home: Path,
-    ip: str,
-    args: argparse.Namespace,
-) -> dict[str, str]:
-    """Files and settings an onboarded VM would have: root cert, bootstrap token, and the
-    cluster.env keys istioctl writes (as overrides, so the user's env cannot leak in), plus
-    the ports the command line moved."""
-    etc, state, run = home / "etc", home / "state", home / "run"
-    for directory in (etc, state, run):
-        directory.mkdir(parents=True, exist_ok=True)
-    service_account = group.service_account or "default"
-    token = mesh.ca.authority.mint_token(group.namespace, service_account, time.time())
-    atomic_write(etc / "istio-token", token.encode(), 0o600)
-    shutil.copyfile(mesh.root_cert, etc / "root-cert.pem")
-    proxy_config: dict[str, Any] = {"discoveryAddress": mesh.address}
-    if probe:
-        proxy_config["readinessProbe"] = probe
-    if args.envoy_admin_port:
-        proxy_config["proxyAdminPort"] = args.envoy_admin_port
-    # Ctrl-C should not wait Istio's 5 s for connections to drain from a demo app.
-    proxy_config["terminationDrainDuration"] = "1s"
-    moved = {
-        "DNS_PROXY_ADDR": args.dns_listen,
-        "VMAGENT_STATUS_ADDR": args.status_listen,
-        "VMAGENT_ENVOY_READINESS_PORT": args.readiness_port and str(args.readiness_port),
-        "VMAGENT_ENVOY_PROMETHEUS_PORT": args.prometheus_port and str(args.prometheus_port),
-    }
-    return {k: v for k, v in moved.items() if v} | {
-        "VMAGENT_CONFIG_DIR": str(etc),
-        "VMAGENT_STATE_DIR": str(state),
-        "VMAGENT_RUN_DIR": str(run),
-        "VMAGENT_MESH_CONFIG": os.devnull,
-        "OUTPUT_CERTS": str(state / "certs"),
-        "CREDENTIAL_FETCHER_TYPE": "JWT",
-        "VMAGENT_TOKEN_FILE": str(etc / "istio-token"),
-        "CA_ADDR": mesh.address,
-        "ISTIOD_SAN": "istiod.istio-system.svc",
-        "PROXY_CONFIG": json.dumps(proxy_config),
-        "POD_NAMESPACE": group.namespace,
-        "SERVICE_ACCOUNT": service_account,
-        "TRUST_DOMAIN": "cluster.local",
-        "ISTIO_SVC_IP": ip,
-        "ISTIO_META_AUTO_REGISTER_GROUP": group.name,
-        "ISTIO_META_DNS_CAPTURE": "true",
-        "VMAGENT_CAPTURE": "false",  # the no-capture data plane: no iptables on the host
-        "ISTIO_META_CLUSTER_ID": "Kubernetes",
-        "ISTIO_META_WORKLOAD_NAME": group.name,
-        "ISTIO_METAJSON_LABELS": json.dumps(dict(group.labels)),
-    }
-
-
 async def _start_demo_app(group: WorkloadGroup, probe: dict[str, Any] | None) -> DemoApp | None:
     """A stand-in for the VM's workload on the port its probe checks, so health is real. A
     port in use is fatal (exit 1 naming the port and --app-port): the probe would otherwise
     check whatever else listens there."""
-    check = (probe or {}).get("httpGet") or (probe or {}).get("http_get")
-    check = check or (probe or {}).get("tcpSocket") or (probe or {}).get("tcp_socket")
-    if not isinstance(check, dict) or not check.get("port"):
+    port = probe_port(probe)
+    if port is None:
         return None
-    return await start_demo_app(f"{group.namespace}/{group.name}", int(check["port"]))
+    return await start_demo_app(f"{group.namespace}/{group.name}", port)
 
 
 def _print_banner(
@@ -344,6 +287,7 @@ def _print_banner(
     dns = config.dns_proxy_addr[0].replace("localhost", "127.0.0.1")
     dns_host, _, dns_port = dns.rpartition(":")
     dig = f"dig @{dns_host} -p {dns_port}"
+    me = program(sys.argv[0], sys.executable, shutil.which("vmagent"), os.getcwd())
     lines = [
         "",
         "vmagent dev: a mesh on this machine",
@@ -364,7 +308,8 @@ def _print_banner(
         f"  curl -s {mesh.debug_url}/debug/registry    # the WorkloadEntry and its health",
         f"  curl -s http://{config.vmagent_status_addr}/healthz/ready",
         # This agent's socket is not /run/vmagent's: `vmagent status` needs the address.
-        f"  vmagent status --addr {config.vmagent_status_addr}",
+        # The command as the user can paste it: scripts/setup puts no vmagent on PATH.
+        f"  {me} status --addr {config.vmagent_status_addr}",
         "Ctrl-C stops everything.",
         "",
     ]

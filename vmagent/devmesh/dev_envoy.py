@@ -7,6 +7,7 @@ from __future__ import annotations
 from vmagent.config import Config
 from vmagent.devmesh.dataplane_model import DataplaneOptions, PortMove, is_http
 from vmagent.devmesh.demoapp import WHOAMI
+from vmagent.devmesh.dev_ports import Listener
 from vmagent.devmesh.server import bind_error
 from vmagent.devmesh.services import MeshConfig, Port, Service, WorkloadGroup
 from vmagent.envoy import envoy_options
@@ -52,31 +53,43 @@ def app_port_move(
     return PortMove(group.namespace, group.name, old, app_port)
 
 
-def check_envoy_ports(config: Config, mesh: MeshConfig, dataplane: DataplaneOptions) -> None:
-    """Envoy would only log a port it cannot bind (and never become ready): check them first.
-    Raises OSError with one line naming the address and the flag that moves it."""
+def envoy_listeners(
+    config: Config, mesh: MeshConfig, dataplane: DataplaneOptions
+) -> list[Listener]:
+    """Every port Envoy binds in ``vmagent dev``, with the flag that moves it: admin, inbound,
+    outbound, readiness and Prometheus (these two on every address), and one outbound HTTP
+    listener per service port on ``--outbound-bind``."""
     opts = envoy_options(config)
-    wanted = [
-        ("127.0.0.1", opts.admin_port, "Envoy admin", "--envoy-admin-port PORT"),
-        (dataplane.listen_address, dataplane.inbound_port, "Envoy inbound", "--inbound-port PORT"),
-        (dataplane.listen_address, dataplane.outbound_port, "Envoy outbound", "--outbound-port"),
-        ("127.0.0.1", opts.readiness_port, "Envoy readiness", "--readiness-port PORT"),
-        ("127.0.0.1", opts.prometheus_port, "Envoy prometheus", "--prometheus-port PORT"),
+    address = dataplane.listen_address
+    found = [
+        Listener("Envoy admin", "--envoy-admin-port", "127.0.0.1", opts.admin_port),
+        Listener("Envoy inbound", "--inbound-port", address, dataplane.inbound_port),
+        Listener("Envoy outbound", "--outbound-port", address, dataplane.outbound_port),
+        Listener("Envoy readiness", "--readiness-port", None, opts.readiness_port),
+        Listener("Envoy prometheus", "--prometheus-port", None, opts.prometheus_port),
     ]
-    http_ports = {
+    http_ports = sorted({
         port.number
         for service in mesh.services
         if service.resolution == "STATIC" and not service.wildcard
         for port in service.ports
         if is_http(port)
-    }
+    })  # fmt: skip
     bind = dataplane.outbound_bind
-    wanted += [(bind, p, "Envoy outbound HTTP", "--outbound-bind ADDRESS") for p in http_ports]
-    for host, port, what, flag in wanted:
-        exc = listen_blocked(host, port)
+    found += [Listener("Envoy outbound HTTP", "--outbound-bind", bind, p) for p in http_ports]
+    return found
+
+
+def check_envoy_ports(config: Config, mesh: MeshConfig, dataplane: DataplaneOptions) -> None:
+    """Envoy would only log a port it cannot bind (and never become ready): check them first.
+    Raises OSError with one line naming the address and the flag that moves it."""
+    for listener in envoy_listeners(config, mesh, dataplane):
+        host = listener.host or "127.0.0.1"  # the wildcard ones: in use on loopback is enough
+        exc = listen_blocked(host, listener.port)
         if exc is not None:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise OSError(bind_error(where, what, flag, exc))
+            where = f"[{host}]:{listener.port}" if ":" in host else f"{host}:{listener.port}"
+            metavar = "ADDRESS" if listener.flag == "--outbound-bind" else "PORT"
+            raise OSError(bind_error(where, listener.what, f"{listener.flag} {metavar}", exc))
 
 
 def mesh_request(host: str, bind: str, port: int) -> str:

@@ -25,6 +25,18 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+LEARNED_TRUST_DOMAIN = "<trust domain learned from the CA>"
+
+
+def _configured_identity(config: Config) -> str:
+    """The SPIFFE ID the configuration asks for. ``TRUST_DOMAIN=''`` (as istioctl writes it)
+    means the agent takes the CA's trust domain: say so, rather than print ``spiffe:///...``,
+    which is no SPIFFE ID (SPIFFE-ID spec §2.1: the trust domain is not empty)."""
+    if config.trust_domain:
+        return config_spiffe_id(config)
+    return f"spiffe://{LEARNED_TRUST_DOMAIN}/ns/{config.namespace}/sa/{config.service_account}"
+
+
 async def _show(config: Config) -> dict[str, Any]:
     store = CertStore(config.output_certs)
     detection = await detect(config)
@@ -33,7 +45,7 @@ async def _show(config: Config) -> dict[str, Any]:
     info: dict[str, Any] = {
         "source": detection.source,
         "source_reason": detection.reason,
-        "configured_identity": config_spiffe_id(config),
+        "configured_identity": _configured_identity(config),
         "ca_address": config.ca_address,
         "certificate_dir": config.output_certs,
         "spiffe_id": bundle.spiffe_id if bundle else None,

@@ -183,6 +183,30 @@ def fetch_first(where: list[Target], timeout: float = TIMEOUT_SECONDS) -> dict[s
     raise StatusError(NOT_RUNNING + ", ".join(missing) + hint, EXIT_NOT_RUNNING)
 
 
+def error_document(exc: StatusError) -> dict[str, Any]:
+    """``--json``'s document when the agent could not be asked (docs/status.md): state
+    ``not_running`` (exit 3) or ``unknown`` (exit 4), and why."""
+    state = "not_running" if exc.code == EXIT_NOT_RUNNING else "unknown"
+    return {"schema_version": 1, "state": state, "error": str(exc)}
+
+
+def _show_error(exc: StatusError, as_json: bool) -> None:
+    """The agent could not be asked: why on stderr; with ``--json`` also the one document
+    on stdout (a script reading stdout gets JSON for every outcome)."""
+    print(f"vmagent status: {exc}", file=sys.stderr)
+    if as_json:
+        _show(error_document(exc), True, None)
+
+
+def _usage_error(args: argparse.Namespace, message: str) -> int:
+    """As argparse's own usage errors: usage and ``vmagent status: error: ...``, exit 2."""
+    parser: argparse.ArgumentParser | None = getattr(args, "help_parser", None)
+    if parser is not None:
+        parser.error(message)  # exits 2
+    print(f"vmagent status: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _seconds(example: str) -> Callable[[str], float]:
     """An argparse type for ``--wait``/``--watch``: seconds, 0 < SECONDS <= 86400 (argparse
     makes the error a usage error, exit 2, naming the flag; ``example`` shows a good one)."""
@@ -219,6 +243,10 @@ def run_status(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
+    if args.count is not None and args.watch is None:
+        return _usage_error(
+            args, "--count N needs --watch (e.g. vmagent status --watch 2 --count 3)"
+        )
     where = targets(args.addr, config)
     if args.watch is not None:
         return _watch(where, args, sleep)
@@ -228,7 +256,7 @@ def run_status(
         else:
             view = _wait(where, float(args.wait), sleep, clock)
     except StatusError as exc:
-        print(f"vmagent status: {exc}", file=sys.stderr)
+        _show_error(exc, args.json)
         if config is None:
             print(
                 f"vmagent status: (configuration not read: {args.config_error}; asked the"
@@ -296,7 +324,7 @@ def _watch(where: list[Target], args: argparse.Namespace, sleep: Callable[[float
             try:
                 view = fetch_first(where)
             except StatusError as exc:
-                print(f"vmagent status: {exc}", file=sys.stderr)
+                _show_error(exc, args.json)
                 code, previous = exc.code, None
                 continue
             sampled = (time.monotonic(), int(view["dns"]["queries_total"]))

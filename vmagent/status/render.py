@@ -106,7 +106,9 @@ def render(view: Mapping[str, Any], qps: float | None = None) -> str:
         ("source", identity.get("source")),
         ("SPIFFE ID", identity.get("spiffe_id")),
         ("cert not after", _ago(identity.get("cert_not_after"), now)),
-        ("next rotation", _ago(identity.get("next_rotation_at"), now)),
+        # Without a certificate the time is the next CSR attempt (a retry), not a rotation.
+        ("next rotation" if identity.get("cert_not_after") else "next attempt",
+            _ago(identity.get("next_rotation_at"), now)),
         ("last error", identity.get("last_error")),
     ])  # fmt: skip
     plane = view.get("control_plane") or {}

@@ -225,6 +225,11 @@ def _problem(part: str, message: str, action: str) -> dict[str, str]:
     return {"part": part, "message": message, "action": action}
 
 
+# How the agent's health checker reports that Envoy, checked before the application probe,
+# is not ready (vmagent/agent_envoy.py, DataPlane.not_ready_reason).
+ENVOY_NOT_READY = "Envoy not ready"
+
+
 def problems(view: Mapping[str, Any], now: float) -> list[dict[str, str]]:
     """What is wrong, each as ``{"part", "message", "action"}`` (empty: all healthy)."""
     found: list[dict[str, str]] = []
@@ -260,10 +265,24 @@ def problems(view: Mapping[str, Any], now: float) -> list[dict[str, str]]:
     health = view.get("health")
     if health is not None and health.get("state") == "unhealthy":
         result = health.get("last_result") or {}
-        found.append(_problem(
-            "health", f"the readiness probe fails: {result.get('message') or 'unhealthy'}",
-            "check the application on this VM; the mesh sends it no traffic until it passes",
-        ))  # fmt: skip
+        message = str(result.get("message") or "unhealthy")
+        if message.startswith(ENVOY_NOT_READY):
+            # The agent checks Envoy before the application (reference §4.2): the app may
+            # be fine; sending the user to it would be wrong.
+            found.append(_problem(
+                "health",
+                "the readiness probe cannot get through yet: Envoy is not ready"
+                f" ({message.removeprefix(ENVOY_NOT_READY).lstrip(': ')})",
+                "wait for Envoy (it needs its certificate and configuration from the control"
+                " plane; see the envoy and control_plane problems); the application's probe"
+                " runs once it is ready",
+            ))  # fmt: skip
+        else:
+            found.append(_problem(
+                "health", f"the readiness probe fails: {message}",
+                "check the application on this VM; the mesh sends it no traffic until it"
+                " passes",
+            ))  # fmt: skip
     envoy = view.get("envoy")
     if envoy is not None and not envoy.get("live"):
         found.append(_problem(
