@@ -43,14 +43,17 @@ def make_cert(ca: bool = True, days_before: float = 1, days_after: float = 365) 
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_token(lifetime: float = 3600, audience: str = "istio-ca") -> bytes:
-    """A compact JWS as a Kubernetes TokenRequest returns it (signature not checked here)."""
+def make_token(
+    lifetime: float = 3600, audience: str = "istio-ca", now: float | None = None
+) -> bytes:
+    """A compact JWS as a Kubernetes TokenRequest returns it (signature not checked here),
+    issued at ``now`` (default: the clock)."""
 
     def part(value: dict[str, object]) -> str:
         raw = json.dumps(value, separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
-    now = int(time.time())
+    now = int(time.time() if now is None else now)
     claims = {
         "aud": [audience],
         "exp": now + int(lifetime),
@@ -84,13 +87,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def onboard(*argv: str, env: dict[str, str] | None = None, as_nobody: bool = False
-            ) -> subprocess.CompletedProcess[str]:
+def onboard(*argv: str, env: dict[str, str] | None = None, as_nobody: bool = False,
+            cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``vmagent onboard ARGV`` as a process; ``env`` default: :func:`clean_env` with
+    ``VMAGENT_RUN_DIR`` pointing nowhere (the closing hint must not depend on an agent that
+    runs, or once ran, on this machine)."""
     command = [str(VMAGENT), "onboard", *argv]
     if as_nobody:
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=60, env=env or clean_env(), check=False
+        command, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd,
+        env=env or clean_env(VMAGENT_RUN_DIR="/nonexistent/vmagent-run"),
     )
 
 

@@ -8,10 +8,10 @@ import time
 import pytest
 from onboard_helpers import FIXTURES, make_cert, make_token
 
-from vmagent.onboard import core
+from vmagent.onboard import core, hosts
 
-ENTRY = (core.HostEntry("10.10.10.11", ("istiod-rev-1.istio-system.svc",)),)
-BLOCK = core.BEGIN + b"\n10.10.10.11 istiod-rev-1.istio-system.svc\n" + core.END + b"\n"
+ENTRY = (hosts.HostEntry("10.10.10.11", ("istiod-rev-1.istio-system.svc",)),)
+BLOCK = hosts.BEGIN + b"\n10.10.10.11 istiod-rev-1.istio-system.svc\n" + hosts.END + b"\n"
 
 
 @pytest.mark.parametrize(
@@ -22,36 +22,36 @@ BLOCK = core.BEGIN + b"\n10.10.10.11 istiod-rev-1.istio-system.svc\n" + core.END
         (b"127.0.0.1 localhost", b"127.0.0.1 localhost\n" + BLOCK),  # no final newline
         (b"a\r\n" + BLOCK + b"b\r\n", b"a\r\n" + BLOCK + b"b\r\n"),  # already there
         (  # two blocks (edited by hand): one left, where the first stood
-            b"a\n" + core.BEGIN + b"\n1.1.1.1 x\n" + core.END + b"\nb\n" + BLOCK + b"c",
+            b"a\n" + hosts.BEGIN + b"\n1.1.1.1 x\n" + hosts.END + b"\nb\n" + BLOCK + b"c",
             b"a\n" + BLOCK + b"b\nc",
         ),
     ],
 )
 def test_onboard_set_block(before: bytes, after: bytes) -> None:
-    assert core.set_block(before, ENTRY, "hosts") == after
-    assert core.set_block(after, ENTRY, "hosts") == after  # idempotent
-    assert BLOCK not in core.remove_block(after, "hosts")
+    assert hosts.set_block(before, ENTRY, "hosts") == after
+    assert hosts.set_block(after, ENTRY, "hosts") == after  # idempotent
+    assert BLOCK not in hosts.remove_block(after, "hosts")
 
 
 def test_onboard_remove_block_keeps_every_other_byte() -> None:
     admin = b"127.0.0.1 localhost\n\xff odd bytes # kept\n\n"
-    assert core.remove_block(admin, "hosts") == admin
-    assert core.remove_block(admin + BLOCK + b"tail", "hosts") == admin + b"tail"
+    assert hosts.remove_block(admin, "hosts") == admin
+    assert hosts.remove_block(admin + BLOCK + b"tail", "hosts") == admin + b"tail"
 
 
 @pytest.mark.parametrize(
     ("text", "line"),
     [
-        (core.BEGIN + b"\n1.1.1.1 x\n", 1),
-        (b"x\n" + core.END + b"\n", 2),
-        (core.BEGIN + b"\n" + core.BEGIN + b"\n" + core.END + b"\n", 2),
+        (hosts.BEGIN + b"\n1.1.1.1 x\n", 1),
+        (b"x\n" + hosts.END + b"\n", 2),
+        (hosts.BEGIN + b"\n" + hosts.BEGIN + b"\n" + hosts.END + b"\n", 2),
     ],
 )
 def test_onboard_broken_markers_name_the_line(text: bytes, line: int) -> None:
-    with pytest.raises(core.OnboardError, match=f"^hosts:{line}: "):
-        core.set_block(text, ENTRY, "hosts")
-    with pytest.raises(core.OnboardError, match=f"^hosts:{line}: "):
-        core.remove_block(text, "hosts")
+    with pytest.raises(hosts.HostsError, match=f"^hosts:{line}: "):
+        hosts.set_block(text, ENTRY, "hosts")
+    with pytest.raises(hosts.HostsError, match=f"^hosts:{line}: "):
+        hosts.remove_block(text, "hosts")
 
 
 def test_onboard_conflicts_only_for_another_address_outside_the_block() -> None:
@@ -61,7 +61,7 @@ def test_onboard_conflicts_only_for_another_address_outside_the_block() -> None:
         + BLOCK.replace(b"10.10.10.11", b"10.0.0.8")  # our old block: replaced, not a conflict
         + b"10.0.0.7 other ISTIOD-REV-1.istio-system.svc.\n"
     )
-    assert core.conflicts(text, ENTRY, "hosts") == [
+    assert hosts.conflicts(text, ENTRY, "hosts") == [
         "hosts:6: istiod-rev-1.istio-system.svc is already listed with 10.0.0.7 (left as it is);"
         " that line wins over the onboard block's 10.10.10.11: remove it if stale"
     ]
@@ -69,12 +69,12 @@ def test_onboard_conflicts_only_for_another_address_outside_the_block() -> None:
 
 def test_onboard_parse_hosts() -> None:
     text = "# istioctl\n\n10.0.0.1 a.svc b # c\nfe80::1%eth0 z\n"
-    assert core.parse_hosts(text, "hosts") == (
-        core.HostEntry("10.0.0.1", ("a.svc", "b")),
-        core.HostEntry("fe80::1%eth0", ("z",)),
+    assert hosts.parse_hosts(text, "hosts") == (
+        hosts.HostEntry("10.0.0.1", ("a.svc", "b")),
+        hosts.HostEntry("fe80::1%eth0", ("z",)),
     )
     fixture = (FIXTURES / "ipv4" / "hosts").read_text()  # no final newline, as istioctl writes
-    assert core.parse_hosts(fixture, "hosts") == ENTRY
+    assert hosts.parse_hosts(fixture, "hosts") == ENTRY
 
 
 def _files(**changed: bytes | None) -> dict[str, bytes | None]:
@@ -125,3 +125,42 @@ def test_onboard_plan_files() -> None:
     assert all(a.mode == 0o640 for a in plan)
     fixed = core.plan_files(files, dict.fromkeys(core.INSTALLED, same), uid=0, gid=7)
     assert all(a.kind == "unchanged" and a.fix for a in fixed)
+
+
+def test_onboard_expired_token_says_how_long_ago() -> None:
+    """The wording the CLI test only matches loosely (its token is made minutes before a
+    whole-suite run reaches it), exactly, with ``now`` given."""
+    issued = 1_800_000_000.0
+    token = make_token(lifetime=3600, now=issued).decode()
+    with pytest.raises(core.OnboardError, match=r"^t: the token expired 2 min ago "):
+        core.check_token(token, "t", issued + 3600 + 150)
+    warnings, _ = core.check_token(token, "t", issued + 3600 - 90)
+    assert warnings and "the token expires in 1 min" in warnings[0]
+
+
+def test_onboard_cluster_env_reports_every_bad_line() -> None:
+    text = "POD_NAMESPACE='bar'\nNOT A KEY\nSERVICE_ACCOUNT='sa'\nCA_ADDR='x\nISTIO_SVC_IP='nope'\n"
+    errors = core.check_cluster_env(text, "c")
+    assert [e.split(": ")[0] for e in errors] == ["c:2", "c:4", "c:5"], errors
+    assert "expected KEY=value" in errors[0] and "bad quoting" in errors[1]
+    assert "ISTIO_SVC_IP='nope'" in errors[2]
+
+
+def test_onboard_hosts_lines_say_what_to_do_for_every_bad_line() -> None:
+    entries, errors = hosts.hosts_lines("10.0.0.1 ok.svc\n10.0.0.300 a\n10.0.0.2\n", "h")
+    assert entries == (hosts.HostEntry("10.0.0.1", ("ok.svc",)),)
+    assert [e.split(": ")[0] for e in errors] == ["h:2", "h:3"]
+    assert all("expected 'IP NAME [NAME...]'" in e and "fix or delete the line" in e
+               for e in errors)
+
+
+def test_onboard_empty_hosts_warning_names_the_hosts_file() -> None:
+    checked = core.check_files(_files(hosts=b""), "/src", time.time(), hosts_file="/tmp/h")
+    assert any("/tmp/h is left as it is" in w for w in checked.warnings), checked.warnings
+    assert not any("/etc/hosts" in w for w in checked.warnings)
+
+
+def test_onboard_action_rows_never_run_together() -> None:
+    for verb in ("would install", "would replace", "would create", "installed", "kept"):
+        line = core.row(verb, "/etc/vmagent/cluster.env")
+        assert line.startswith(verb + " ") and line.index("/") == core.VERB_WIDTH

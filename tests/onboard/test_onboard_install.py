@@ -60,12 +60,11 @@ def test_onboard_installs_files_with_owner_mode_and_hosts_block(
         info = (config / name).stat()
         assert (config / name).read_bytes() == (source / name).read_bytes()
         assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o640, 0, daemon), name
-        assert f"installed    {config / name}  root:daemon 0640" in done.stdout
+        assert f"installed     {config / name}  root:daemon 0640" in done.stdout
     entry = b"10.10.10.11 istiod-rev-1.istio-system.svc\n"
     assert hosts.read_bytes() == ADMIN + BEGIN + entry + END
-    assert "systemctl restart vmagent" in done.stdout
-    assert "systemctl enable --now vmagent" in done.stdout
-    assert "vmagent status" in done.stdout
+    assert "systemctl start --no-block vmagent" in done.stdout  # no agent answers
+    assert "vmagent status --wait 120" in done.stdout
     assert "JWT, expires" in done.stdout  # the token's lifetime is shown
     assert not list(config.glob(".*"))  # no temporary file left behind
 
@@ -124,7 +123,7 @@ def test_onboard_twice_is_idempotent_and_replacing_keeps_old_copy(
     third = onboard(*_args(source, config, hosts))
     assert third.returncode == 0, third.stderr
     backup = config / "root-cert.pem.vmagent-old"
-    assert f"replaced     {config / 'root-cert.pem'}" in third.stdout
+    assert f"replaced      {config / 'root-cert.pem'}" in third.stdout
     assert "old copy kept as root-cert.pem.vmagent-old" in third.stdout
     assert backup.read_bytes() == old_root
     assert stat.S_IMODE(backup.stat().st_mode) == 0o640
@@ -243,8 +242,11 @@ def test_onboard_dry_run_as_non_root_checks_files_and_says_root_is_needed(
     nobody_dir: Path,
 ) -> None:
     source = onboarding_dir(nobody_dir / "from")
+    for path in [source, *source.iterdir()]:  # nobody's, whatever the umask made them
+        os.chown(path, 65534, 65534)
     config = nobody_dir / "root-owned"  # nobody may read it, not write it
-    config.mkdir(mode=0o755)
+    config.mkdir()
+    os.chmod(config, 0o755)  # not mkdir(mode=): the umask would take bits away
     env = clean_env(VMAGENT_CONFIG_DIR=str(config))
     dry = onboard("--from", str(source), "--dry-run", "--no-hosts", env=env, as_nobody=True)
     assert dry.returncode == 0, dry.stderr

@@ -9,25 +9,23 @@ Exit status: 0 done (warnings included), 2 bad input or no permission (nothing c
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import grp
 import os
 import pwd
+import socket
 import sys
-import tempfile
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from vmagent.config import Config, ConfigError, load_config
-from vmagent.onboard import core
+from vmagent.onboard import core, hosts, inputs, writes
 
 DEFAULT_GROUP = "vmagent"
 DEFAULT_HOSTS = "/etc/hosts"
 # Files a configuration directory may hold besides ours (the package's example).
 _KNOWN_EXTRA = ("cluster.env.example",)
-_LABEL = "security.selinux"
 _DIR_VAR, _DEFAULT_DIR = "VMAGENT_CONFIG_DIR", "/etc/vmagent"
 
 
@@ -56,7 +54,7 @@ def register(commands: Any) -> None:
 
 
 class _Refused(Exception):
-    """Nothing can be done; the message says what to do."""
+    """Nothing can be done; each argument is one error line saying what to do."""
 
 
 def _run(args: argparse.Namespace, config: Config | None) -> int:
@@ -71,60 +69,67 @@ def _run(args: argparse.Namespace, config: Config | None) -> int:
             raise _Refused("--from DIR is required: the directory istioctl wrote the files to")
         return _onboard(args, config)
     except _Refused as exc:
-        print(f"vmagent onboard: error: {exc}", file=sys.stderr)
+        for line in exc.args:
+            print(f"vmagent onboard: error: {line}", file=sys.stderr)
+        print("vmagent onboard: nothing was changed", file=sys.stderr)
         return 2
 
 
 def _onboard(args: argparse.Namespace, config: Config | None) -> int:
-    source = Path(args.source)
+    source = Path(os.path.abspath(args.source))  # messages and advice name absolute paths
     if not source.is_dir():
-        raise _Refused(f"{source}: no such directory; pass the directory istioctl's -o wrote")
+        problem = inputs.directory_problem(source) or "no such directory"
+        raise _Refused(f"--from {source}: {problem}; pass the directory istioctl's -o wrote")
+    hosts_path = Path(os.path.realpath(args.hosts_file))  # replace a symlink's target
     files: dict[str, bytes | None] = {}
     errors: list[str] = []
+    unreadable: set[str] = set()  # reported once, as what they are (not as "empty")
     for name in core.ALL_FILES:
+        if name == core.HOSTS and args.no_hosts:
+            continue
         try:
-            files[name] = (source / name).read_bytes()
-        except FileNotFoundError:
-            files[name] = None
-        except OSError as exc:
-            files[name] = b""
-            errors.append(f"{source / name}: cannot read: {exc.strerror}")
-    checked = core.check_files(files, str(source), time.time(), not args.no_hosts)
+            files[name] = inputs.read_regular(source / name, core.REDO)
+        except inputs.InputError as exc:
+            errors.append(str(exc))
+            unreadable.add(name)
+    checked = core.check_files(
+        files, str(source), time.time(), not args.no_hosts, str(hosts_path), unreadable
+    )
     errors += checked.errors
-    if not errors:
-        errors += _check_together(source)
+    if not checked.failed & {core.CLUSTER_ENV, core.MESH}:
+        errors += _check_together(source, checked.failed)
     # The directory `vmagent run` reads: $VMAGENT_CONFIG_DIR, else the default.
-    reads = config.vmagent_config_dir if config else os.environ.get(_DIR_VAR, _DEFAULT_DIR)
-    target = Path(args.config_dir or reads)
+    reads = os.path.abspath(
+        config.vmagent_config_dir if config else os.environ.get(_DIR_VAR, _DEFAULT_DIR)
+    )
+    target = Path(os.path.abspath(args.config_dir)) if args.config_dir else Path(reads)
     denied: list[str] = []  # permission problems: fatal, except in a dry run
-    uid, gid, warnings, notes = _owner(args, target, errors, denied)
+    uid, gid, warnings, notes = _owner(args, errors)
+    existing = _target(args, target, source, errors, denied)
     warnings = [*checked.warnings, *warnings]
-    hosts_path = Path(os.path.realpath(args.hosts_file))  # replace a symlink's target
     hosts_old: bytes | None = None
     hosts_new: bytes | None = None
-    if not args.no_hosts and checked.hosts:
-        hosts_old = _read_or_empty(hosts_path)
+    if not args.no_hosts:
+        hosts_old = _read_hosts(Path(os.path.abspath(args.hosts_file)), hosts_path, errors)
+    if hosts_old is not None and checked.hosts:
         try:
-            hosts_new = core.set_block(hosts_old, checked.hosts, str(hosts_path))
-            warnings += core.conflicts(hosts_old, checked.hosts, str(hosts_path))
-        except core.OnboardError as exc:
+            hosts_new = hosts.set_block(hosts_old, checked.hosts, str(hosts_path))
+            warnings += hosts.conflicts(hosts_old, checked.hosts, str(hosts_path))
+        except hosts.HostsError as exc:
             errors.append(str(exc))
-        _need_writable(hosts_path.parent, "--hosts-file PATH, or --no-hosts", denied)
+        inputs.need_writable(hosts_path.parent, "--hosts-file PATH, or --no-hosts", denied)
     if args.dry_run:
         warnings += [f"{line} (a real run would stop here)" for line in denied]
     else:
         errors += denied
     if errors:
-        for line in errors:
-            print(f"vmagent onboard: error: {line}", file=sys.stderr)
-        print("vmagent onboard: nothing was installed", file=sys.stderr)
-        return 2
+        raise _Refused(*errors)
     for line in warnings:
         print(f"vmagent onboard: warning: {line}", file=sys.stderr)
     for line in (*checked.notes, *notes):
         print(f"note: {line}")
     good = {name: data for name, data in files.items() if data is not None}
-    actions = core.plan_files(good, {n: _existing(target / n) for n in core.INSTALLED}, uid, gid)
+    actions = core.plan_files(good, existing, uid, gid)
     try:
         _do_dir(target, uid, gid, args.dry_run)
         for action in actions:
@@ -137,43 +142,83 @@ def _onboard(args: argparse.Namespace, config: Config | None) -> int:
     if args.dry_run:
         print("dry run: nothing was changed")
         return 0
-    _check_installed(target)
+    installed = _check_installed(target)
     if str(target) != reads:
         print(f"note: vmagent run reads {reads}: set {_DIR_VAR}={target} in its environment")
-    print("next: systemctl restart vmagent   (not running yet: systemctl enable --now vmagent)")
-    print("      vmagent status")
+    run_dir = installed.vmagent_run_dir if installed else _default_run_dir()
+    for line in core.next_steps(_agent_answers(Path(run_dir, "status.sock"))):
+        print(line)
     return 0
 
 
-def _check_together(source: Path) -> list[str]:
+def _check_together(source: Path, failed: Collection[str]) -> list[str]:
     """The files as the agent's own loader reads them (vmagent.config.load_config, with
     Istio's paths looked up under ``source``, where they are not), so rules between settings
-    are checked too; the process environment is left out: the service has its own."""
-    environ = {
-        "VMAGENT_MESH_CONFIG": str(source / core.MESH),
-        "XDS_ROOT_CA": str(source / core.ROOT_CERT),
-        "VMAGENT_TOKEN_FILE": str(source / core.TOKEN),
-    }
+    are checked too, and the workload identity is there; the process environment is left
+    out: the service has its own. ``failed``: files already reported, not named again."""
+    paths = (("VMAGENT_MESH_CONFIG", core.MESH), ("XDS_ROOT_CA", core.ROOT_CERT),
+             ("VMAGENT_TOKEN_FILE", core.TOKEN))
+    environ = {key: str(source / name) for key, name in paths if name not in failed}
     try:
-        load_config(environ, cluster_env=source / core.CLUSTER_ENV, root=source)
+        loaded = load_config(environ, cluster_env=source / core.CLUSTER_ENV, root=source)
     except ConfigError as exc:
         return [f"the files together: {exc}"]
-    return []
+    values = {key: str(getattr(loaded, key.lower())) for keys in core.IDENTITY for key in keys}
+    return core.missing_identity(loaded.sources, values, str(source / core.CLUSTER_ENV))
 
 
-def _owner(
-    args: argparse.Namespace, target: Path, errors: list[str], denied: list[str]
-) -> tuple[int | None, int | None, list[str], list[str]]:
-    """(uid, gid, warnings, notes): root:<group>; not root: (None, None), no chown."""
+def _target(
+    args: argparse.Namespace, target: Path, source: Path, errors: list[str], denied: list[str]
+) -> dict[str, core.Existing | None]:
+    """What the configuration directory holds now (name -> file); its problems go to
+    ``errors``, permission problems to ``denied``."""
+    named = "--config-dir" if args.config_dir else (
+        _DIR_VAR if os.environ.get(_DIR_VAR) else "the configuration directory"
+    )
+    problem = inputs.directory_problem(target)
+    if problem:
+        errors.append(
+            f"{named} {target}: {problem}; name a directory (onboard creates a missing one)"
+        )
+        return {}
     if os.geteuid() != 0:
         if not args.config_dir and not os.environ.get(_DIR_VAR):
             denied.append(
                 f"installing into {target} needs root: run `sudo vmagent onboard --from "
-                f"{args.source}` (or pass --config-dir DIR, a directory you own, to try it out)"
+                f"{source}` (or pass --config-dir DIR, a directory you own, to try it out)"
             )
         else:
-            _need_writable(target, "--config-dir DIR", denied)
-        return None, None, [], [f"not root: chown skipped (the files are {_whoami()}'s)"]
+            inputs.need_writable(target, "--config-dir DIR", denied)
+    existing: dict[str, core.Existing | None] = {}
+    for name in core.INSTALLED:
+        try:
+            existing[name] = _existing(target / name)
+        except inputs.InputError as exc:
+            errors.append(str(exc))
+    return existing
+
+
+def _read_hosts(given: Path, real: Path, errors: list[str]) -> bytes | None:
+    """The hosts file's content; None (and an error) if it is missing or not a file."""
+    try:
+        data = inputs.read_regular(given, "--hosts-file must name a hosts file, or pass --no-hosts")
+    except inputs.InputError as exc:
+        errors.append(str(exc))
+        return None
+    if data is None:
+        errors.append(
+            f"{real}: no such file; --hosts-file must name an existing hosts file (or pass "
+            "--no-hosts)"
+        )
+    return data
+
+
+def _owner(
+    args: argparse.Namespace, errors: list[str]
+) -> tuple[int | None, int | None, list[str], list[str]]:
+    """(uid, gid, warnings, notes): root:<group>; not root: (None, None), no chown."""
+    if os.geteuid() != 0:
+        return None, None, [], [f"not root: chown skipped (the files are {inputs.whoami()}'s)"]
     name = args.group or DEFAULT_GROUP
     try:
         return 0, grp.getgrnam(name).gr_gid, [], []
@@ -189,41 +234,13 @@ def _owner(
         return 0, None, [missing], []
 
 
-def _need_writable(path: Path, instead: str, errors: list[str]) -> None:
-    """An error unless this user may create files in ``path`` (or its nearest ancestor)."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        errors.append(
-            f"{probe}: not writable by {_whoami()}: run with sudo, or pass {instead}"
-        )
-
-
-def _whoami() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid {os.geteuid()}"
-
-
-def _read_or_empty(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return b""
-    except OSError as exc:
-        raise _Refused(f"{path}: cannot read: {exc.strerror}") from None
-
-
 def _existing(path: Path) -> core.Existing | None:
-    try:
-        info = path.stat()
-        return core.Existing(path.read_bytes(), info.st_uid, info.st_gid, info.st_mode & 0o7777)
-    except FileNotFoundError:
+    """What is installed at ``path`` now; InputError if it is not a file onboard may replace."""
+    data = inputs.read_regular(path, "move it away: onboard installs a file there")
+    if data is None:
         return None
-    except OSError as exc:
-        raise _Refused(f"{path}: cannot read: {exc.strerror}") from None
+    info = path.stat()
+    return core.Existing(data, info.st_uid, info.st_gid, info.st_mode & 0o7777)
 
 
 def _show(path: Path, uid: int | None, gid: int | None, mode: int) -> str:
@@ -243,10 +260,11 @@ def _name(lookup: Any, number: int) -> str:
 def _do_dir(target: Path, uid: int | None, gid: int | None, dry: bool) -> None:
     # Each line is printed once its action is done: after a failure they say what was.
     if not target.exists():
-        line = f"{'would create' if dry else 'created':<13}{_show(target, uid, gid, core.DIR_MODE)}"
+        shown = _show(target, uid, gid, core.DIR_MODE)
+        line = core.row("would create" if dry else "created", shown)
         if not dry:
             target.mkdir(parents=True, mode=0o700)
-            _chown(target, uid, gid)
+            writes.chown(target, uid, gid)
             os.chmod(target, core.DIR_MODE)
         print(line)
         return
@@ -258,15 +276,16 @@ def _do_dir(target: Path, uid: int | None, gid: int | None, dry: bool) -> None:
         and entry.name not in _KNOWN_EXTRA
     )
     if others:  # not vmagent's own directory (--config-dir /etc?): leave its owner and mode
-        print(f"{'kept':<13}{target} (owner and mode left as they are: it holds {others[0]}, ...)")
+        print(core.row("kept", f"{target} (owner and mode left as they are: it holds "
+                       f"{others[0]}, ...)"))
         return
     right = info.st_mode & 0o7777 == core.DIR_MODE and (
         uid is None or (uid, gid if gid is not None else info.st_gid) == (info.st_uid, info.st_gid)
     )
     verb = "unchanged" if right else ("would set" if dry else "set")
-    line = f"{verb:<13}{_show(target, uid, gid, core.DIR_MODE)}"
+    line = core.row(verb, _show(target, uid, gid, core.DIR_MODE))
     if not right and not dry:
-        _chown(target, uid, gid)
+        writes.chown(target, uid, gid)
         os.chmod(target, core.DIR_MODE)
     print(line)
 
@@ -276,130 +295,97 @@ def _do_file(target: Path, action: core.Action, dry: bool) -> None:
     shown = _show(path, action.uid, action.gid, action.mode)
     if action.kind == "unchanged":
         if action.fix and not dry:
-            _chown(path, action.uid, action.gid)
+            writes.chown(path, action.uid, action.gid)
             os.chmod(path, action.mode)
-        print(f"{'unchanged':<13}{shown}{' (owner/mode set)' if action.fix else ''}")
+        print(core.row("unchanged", shown + (" (owner/mode set)" if action.fix else "")))
         return
     verb = {"install": "installed", "replace": "replaced"}[action.kind]
     if dry:
         verb = "would " + action.kind
-    line = f"{verb:<13}{shown}" + (f" (old copy kept as {action.backup})" if action.backup else "")
+    line = core.row(verb, shown) + (
+        f" (old copy kept as {action.backup})" if action.backup else ""
+    )
     if dry:
         print(line)
         return
     if action.backup:
         old = path.stat()
         # The old copy may be a secret too: its owner, and never readable by others.
-        _atomic_write(
+        writes.atomic_write(
             target / action.backup, path.read_bytes(), old.st_mode & 0o770, old.st_uid, old.st_gid
         )
-    _atomic_write(path, action.data, action.mode, action.uid, action.gid)
+    writes.atomic_write(path, action.data, action.mode, action.uid, action.gid)
     print(line)
 
 
 def _do_hosts(path: Path, old: bytes, new: bytes, count: int, dry: bool) -> None:
     block = f"vmagent onboard block, {count} {'entry' if count == 1 else 'entries'}"
     if old == new:
-        print(f"{'unchanged':<13}{path} ({block})")
+        print(core.row("unchanged", f"{path} ({block})"))
         return
-    if not dry:
-        _rewrite_keeping_owner(path, new)
-    print(f"{'would update' if dry else 'updated':<13}{path} ({block}; remove with: "
-          "vmagent onboard --remove-hosts)")
+    note = None if dry else writes.rewrite_keeping_owner(path, new)
+    print(core.row("would update" if dry else "updated",
+                   f"{path} ({block}; remove with: vmagent onboard --remove-hosts)"))
+    if note:
+        print(f"note: {note}")
 
 
 def _remove_hosts(args: argparse.Namespace) -> int:
     path = Path(os.path.realpath(args.hosts_file))
-    old = _read_or_empty(path)
+    errors: list[str] = []
+    old = _read_hosts(Path(os.path.abspath(args.hosts_file)), path, errors)
+    if old is None:
+        raise _Refused(*errors)
     try:
-        new = core.remove_block(old, str(path))
-    except core.OnboardError as exc:
+        new = hosts.remove_block(old, str(path))
+    except hosts.HostsError as exc:
         raise _Refused(str(exc)) from None
     if new == old:
-        print(f"{'unchanged':<13}{path} (no vmagent onboard block)")
+        print(core.row("unchanged", f"{path} (no vmagent onboard block)"))
         return 0
-    errors: list[str] = []
-    _need_writable(path.parent, "--hosts-file PATH", errors)
+    inputs.need_writable(path.parent, "--hosts-file PATH", errors)
     if errors:
-        raise _Refused(errors[0])
-    if not args.dry_run:
-        _rewrite_keeping_owner(path, new)
-    print(f"{'would remove' if args.dry_run else 'removed':<13}vmagent onboard block from {path}")
+        raise _Refused(*errors)
+    note = None if args.dry_run else writes.rewrite_keeping_owner(path, new)
+    print(core.row("would remove" if args.dry_run else "removed",
+                   f"vmagent onboard block from {path}"))
+    if note:
+        print(f"note: {note}")
     return 0
 
 
-def _rewrite_keeping_owner(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``, keeping its owner, group and mode (new: 0644)."""
-    try:
-        info = path.stat()
-        mode, uid, gid = info.st_mode & 0o7777, info.st_uid, info.st_gid
-    except FileNotFoundError:
-        mode, uid, gid = 0o644, None, None
-    try:
-        _atomic_write(path, data, mode, uid, gid, like=path)
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        # A bind-mounted /etc/hosts (containers) cannot be renamed over: write it in place.
-        with open(path, "r+b") as out:
-            out.truncate(0)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        print(f"note: {path} is a mount point: rewritten in place, not atomically")
+def _default_run_dir() -> str:
+    return os.environ.get("VMAGENT_RUN_DIR") or "/run/vmagent"
 
 
-def _chown(path: Path | int, uid: int | None, gid: int | None) -> None:
-    if uid is None and gid is None:
-        return
-    try:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-    except PermissionError:
-        if os.geteuid() == 0:
-            raise  # not root: keeping one's own ownership is fine
+def _agent_answers(path: Path) -> bool:
+    """Whether an agent accepts connections on its status socket (a connect, nothing sent):
+    a socket file can outlive its agent (a crash, a test), so its existence says nothing.
+    Cannot tell (no permission): True, the advice that is right either way (restart)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            return False
+        except OSError:
+            return True
+    return True
 
 
-def _atomic_write(
-    path: Path, data: bytes, mode: int, uid: int | None, gid: int | None, like: Path | None = None
-) -> None:
-    """Readers see the old or the new content, never a part: temporary file in the same
-    directory, owner and mode set before any byte is written, fsync, rename, fsync dir.
-    ``like``: a file whose SELinux label the new one takes (/etc/hosts is net_conf_t on
-    EL9; a file created in /etc would get etc_t, which confined services cannot read)."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            _chown(out.fileno(), uid, gid)
-            os.fchmod(out.fileno(), mode)
-            if like is not None:
-                with contextlib.suppress(OSError):  # no label, or no SELinux here
-                    os.setxattr(out.fileno(), _LABEL, os.getxattr(like, _LABEL))
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _check_installed(target: Path) -> None:
-    """Warn when ``vmagent run`` (this environment, VMAGENT_CONFIG_DIR = ``target``) would
-    read an onboarding file from somewhere else, e.g. an explicit XDS_ROOT_CA."""
+def _check_installed(target: Path) -> Config | None:
+    """The configuration ``vmagent run`` (this environment, VMAGENT_CONFIG_DIR = ``target``)
+    would load, None if it would refuse it; warns when it would read an onboarding file from
+    somewhere else, e.g. an explicit XDS_ROOT_CA."""
     environ = {**os.environ, _DIR_VAR: str(target)}
     try:
         config = load_config(environ)
     except ConfigError as exc:
         print(f"vmagent onboard: warning: vmagent run would refuse this configuration: {exc}",
               file=sys.stderr)
-        return
+        return None
     for found in config.files:
         if Path(found.path).parent != target:
             print(f"vmagent onboard: warning: vmagent run reads the {found.role} from "
                   f"{found.path} ({found.how}), not from {target}", file=sys.stderr)
+    return config

@@ -1,6 +1,6 @@
 """``vmagent onboard``'s pure core: check Istio's onboarding files, plan their installation,
-edit the ``/etc/hosts`` block. Bytes and text in, values out; no I/O, no clock (``now`` is
-passed in, UNIX seconds).
+word the action lines (the hosts block: :mod:`vmagent.onboard.hosts`). Bytes and text in,
+values out; no I/O, no clock (``now`` is passed in, UNIX seconds).
 
 The files are what ``istioctl x workload entry configure`` writes (``istioctl/pkg/workload/
 workload.go``; reference §7.1): ``cluster.env`` (``KEY='value'`` lines), ``mesh.yaml``
@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping
 
 from cryptography import x509
 
 from vmagent.config import ConfigError, env_key, parse_env_file, settings
-from vmagent.config_names import is_hostname
 from vmagent.identity.certs import ChainError, parse_certs
 from vmagent.identity.tokens import decode_jwt, inspect_token
+from vmagent.onboard.hosts import HostEntry, hosts_lines
 from vmagent.proxyconfig import ProxyConfigError, parse_mesh_config, parse_proxy_config_env
 
 CLUSTER_ENV, MESH, ROOT_CERT, TOKEN, HOSTS = (
@@ -35,25 +34,14 @@ DIR_MODE = 0o750
 TOKEN_NEAR = 15 * 60  # seconds: warn when the token expires sooner (istioctl's default is 1 h)
 ROOT_NEAR = 30 * 86400  # seconds: warn when the mesh root expires sooner
 REDO = "re-run `istioctl x workload entry configure` and copy the new files here"
-
-BEGIN = b"# BEGIN vmagent onboard (istioctl hosts; remove with: vmagent onboard --remove-hosts)"
-BEGIN_PREFIX = b"# BEGIN vmagent onboard"
-END = b"# END vmagent onboard"
+# The workload identity: namespace and service account (reference §7.1: istioctl always
+# writes both); ISTIO_NAMESPACE stands in for POD_NAMESPACE (vmagent.config.Config.namespace).
+IDENTITY = (("POD_NAMESPACE", "ISTIO_NAMESPACE"), ("SERVICE_ACCOUNT",))
+VERB_WIDTH = 14  # "would install" and "would replace" are 13 letters: one space at least
 
 
 class OnboardError(ValueError):
     """Input that cannot be installed; the message names the file (and line or key)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HostEntry:
-    """One ``IP name [name...]`` line of istioctl's ``hosts`` file."""
-
-    ip: str
-    names: tuple[str, ...]
-
-    def line(self) -> bytes:
-        return " ".join((self.ip, *self.names)).encode("ascii")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,33 +53,59 @@ class Checked:
     warnings: tuple[str, ...]
     notes: tuple[str, ...]
     hosts: tuple[HostEntry, ...]
+    failed: frozenset[str] = frozenset()  # names of the files with an error
 
 
 def check_files(
-    files: Mapping[str, bytes | None], source: str, now: float, hosts_needed: bool = True
+    files: Mapping[str, bytes | None],
+    source: str,
+    now: float,
+    hosts_needed: bool = True,
+    hosts_file: str = "/etc/hosts",
+    skip: Collection[str] = (),
 ) -> Checked:
     """Check the five files; ``files`` maps each name of ALL_FILES to its content (None:
     missing), ``source`` is the directory they came from (for messages). ``hosts_needed``
-    False: the hosts file is not used (``--no-hosts``) and may be missing."""
+    False: the hosts file is not used (``--no-hosts``) and is not checked. ``hosts_file``:
+    the file the entries go to (for messages). ``skip``: names already reported (unreadable:
+    one error per file)."""
     errors: list[str] = []
     warnings: list[str] = []
     notes: list[str] = []
+    failed: set[str] = set(skip)
     hosts: tuple[HostEntry, ...] = ()
     for name in ALL_FILES:
         data = files.get(name)
         where = f"{source.rstrip('/')}/{name}"
-        if data is None and name == HOSTS and not hosts_needed:
+        if name in skip or (name == HOSTS and not hosts_needed):
             continue
+        before = len(errors)
         if data is None:
             errors.append(f"{where}: missing; {REDO} (all five files are needed)")
-            continue
-        try:
-            if name == ROOT_CERT:
-                warnings += check_root_cert(data, where, now)
-                continue
+        else:
+            found, hosts = _check_one(name, data, where, now, hosts_file)
+            errors += found.errors
+            warnings += found.warnings
+            notes += found.notes
+        if len(errors) > before:
+            failed.add(name)
+    return Checked(tuple(errors), tuple(warnings), tuple(notes), hosts, frozenset(failed))
+
+
+def _check_one(
+    name: str, data: bytes, where: str, now: float, hosts_file: str
+) -> tuple[Checked, tuple[HostEntry, ...]]:
+    errors: list[str] = []
+    warnings: list[str] = []
+    notes: list[str] = []
+    hosts: tuple[HostEntry, ...] = ()
+    try:
+        if name == ROOT_CERT:
+            warnings += check_root_cert(data, where, now)
+        else:
             text = data.decode("utf-8")
             if name == CLUSTER_ENV:
-                check_cluster_env(text, where)
+                errors += check_cluster_env(text, where)
             elif name == MESH:
                 check_mesh(text, where)
             elif name == TOKEN:
@@ -99,23 +113,28 @@ def check_files(
                 warnings += token_warnings
                 notes += token_notes
             else:
-                hosts = parse_hosts(text, where)
-                if not hosts:
+                hosts, bad = hosts_lines(text, where)
+                errors += bad
+                if not hosts and not bad:
                     warnings.append(
-                        f"{where}: no entries (istioctl found no gateway IP): /etc/hosts is "
+                        f"{where}: no entries (istioctl found no gateway IP): {hosts_file} is "
                         "left as it is; istiod's name must resolve some other way, or re-run "
                         "istioctl with --ingressIP"
                     )
-        except UnicodeDecodeError:
-            errors.append(f"{where}: not UTF-8 text; {REDO}")
-        except OnboardError as exc:
-            errors.append(str(exc))
-    return Checked(tuple(errors), tuple(warnings), tuple(notes), hosts)
+    except UnicodeDecodeError:
+        errors.append(f"{where}: not UTF-8 text; {REDO}")
+    except OnboardError as exc:
+        errors.append(str(exc))
+    return Checked(tuple(errors), tuple(warnings), tuple(notes), ()), hosts
 
 
-def _check_settings(values: Mapping[str, str], where: str, lines: Mapping[str, int]) -> None:
-    """Each key vmagent reads, parsed by its setting's own parser (vmagent.config)."""
+def _check_settings(
+    values: Mapping[str, str], where: str, lines: Mapping[str, int]
+) -> list[str]:
+    """Each key vmagent reads, parsed by its setting's own parser (vmagent.config): one
+    error per bad value."""
     parsers = {env_key(f): f.metadata["parse"] for f in settings()}
+    errors: list[str] = []
     for key, raw in values.items():
         parse = parsers.get(key)
         if parse is None:
@@ -124,25 +143,40 @@ def _check_settings(values: Mapping[str, str], where: str, lines: Mapping[str, i
             parse(raw)
         except ValueError as exc:
             line = f":{lines[key]}" if key in lines else ""
-            raise OnboardError(f"{where}{line}: {key}={raw!r}: {exc}") from None
+            errors.append(f"{where}{line}: {key}={raw!r}: {exc}")
+    return errors
 
 
-def check_cluster_env(text: str, where: str) -> None:
-    """OnboardError naming the line and key of the first bad line or value."""
-    try:
-        values = parse_env_file(text, where)
-    except ConfigError as exc:
-        raise OnboardError(f"{exc}; {REDO}") from None
+def check_cluster_env(text: str, where: str) -> list[str]:
+    """One error per bad line or value, each naming its line and key, and one if the
+    workload identity keys (IDENTITY) are missing. The shared reader
+    (vmagent.config.parse_env_file) stops at its first error and reads line by line, so each
+    line is read on its own (after as many empty lines as precede it: its number is kept)."""
+    values: dict[str, str] = {}
     lines: dict[str, int] = {}
+    errors: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
-        key = line.strip().removeprefix("export ").strip().partition("=")[0]
-        lines[key] = number
-    _check_settings(values, where, lines)
+        try:
+            found = parse_env_file("\n" * (number - 1) + line, where)
+        except ConfigError as exc:
+            errors.append(f"{exc}; {REDO}")
+            continue
+        values.update(found)
+        lines.update(dict.fromkeys(found, number))
+    errors += _check_settings(values, where, lines)
+    missing = [key for keys in IDENTITY if not set(keys) & values.keys() for key in keys[:1]]
+    if not errors and missing:
+        what = "no settings at all (empty)" if not values else f"no {', no '.join(missing)}"
+        errors.append(
+            f"{where}: {what}: istioctl always writes {' and '.join(missing)} (the workload "
+            f"identity its certificate names); {REDO}"
+        )
     if "PROXY_CONFIG" in values:
         try:
             parse_proxy_config_env(values["PROXY_CONFIG"], f"{where}: PROXY_CONFIG")
         except ProxyConfigError as exc:
-            raise OnboardError(str(exc)) from None
+            errors.append(str(exc))
+    return errors
 
 
 def check_mesh(text: str, where: str) -> None:
@@ -152,7 +186,9 @@ def check_mesh(text: str, where: str) -> None:
     except ProxyConfigError as exc:
         raise OnboardError(f"{exc}; {REDO}") from None
     metadata = config.get("proxyMetadata") or {}
-    _check_settings(metadata, f"{where}: defaultConfig.proxyMetadata", {})
+    errors = _check_settings(metadata, f"{where}: defaultConfig.proxyMetadata", {})
+    if errors:
+        raise OnboardError("\n".join(errors))
 
 
 def check_root_cert(data: bytes, where: str, now: float) -> list[str]:
@@ -224,29 +260,6 @@ def check_token(text: str, where: str, now: float) -> tuple[list[str], list[str]
     return warnings, notes
 
 
-def parse_hosts(text: str, where: str) -> tuple[HostEntry, ...]:
-    """``IP name [name...]`` lines (``#`` starts a comment); OnboardError naming the line."""
-    entries: list[HostEntry] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        words = line.partition("#")[0].split()
-        if not words:
-            continue
-        ip, names = words[0], tuple(words[1:])
-        try:
-            ipaddress.ip_address(ip.partition("%")[0])  # a zone (fe80::1%eth0) is allowed
-        except ValueError:
-            raise OnboardError(
-                f"{where}:{number}: {ip!r} is not an IP address (expected 'IP name [name...]')"
-            ) from None
-        if not names:
-            raise OnboardError(f"{where}:{number}: no name after {ip} (expected 'IP name')")
-        for name in names:
-            if not name.isascii() or not is_hostname(name):
-                raise OnboardError(f"{where}:{number}: {name!r} is not a host name")
-        entries.append(HostEntry(ip, names))
-    return tuple(entries)
-
-
 @dataclasses.dataclass(frozen=True)
 class Existing:
     """What is at a destination now: content, owner, group, permission bits."""
@@ -295,84 +308,45 @@ def plan_files(
     return actions
 
 
-def _lines(text: bytes) -> list[bytes]:
-    return text.splitlines(keepends=True)
+def missing_identity(
+    sources: Mapping[str, str], values: Mapping[str, str], where: str
+) -> list[str]:
+    """An error when the loaded configuration (``sources``: key -> where its value came from,
+    ``"default"`` when nothing set it; ``values``: key -> raw value) has no workload namespace
+    or service account. ``vmagent run`` would not refuse it: it would ask for the identity of
+    namespace ``default``, service account ``default`` (vmagent.config.Config.namespace),
+    which is not the workload the token was made for. istioctl always writes both keys, so
+    an empty or truncated ``cluster.env`` (``where``) is the likely cause."""
+    missing = [
+        " or ".join(keys) for keys in IDENTITY
+        if not any(sources.get(key, "default") != "default" and values.get(key) for key in keys)
+    ]
+    if not missing:
+        return []
+    return [
+        f"{where}: {'; '.join(missing)}: missing or empty in cluster.env and mesh.yaml "
+        "(istioctl always writes the WorkloadGroup's namespace and service account); vmagent "
+        f"run would use 'default', not the identity the token was made for; {REDO}"
+    ]
 
 
-def _bare(line: bytes) -> bytes:
-    return line.rstrip(b"\r\n").rstrip()
+def row(verb: str, text: str) -> str:
+    """One action line: the verb in a column of VERB_WIDTH, then ``text`` (never run
+    together: ``would install /etc/vmagent/cluster.env``)."""
+    return f"{verb:<{VERB_WIDTH - 1}} {text}"
 
 
-def _blocks(lines: Sequence[bytes], where: str) -> list[tuple[int, int]]:
-    """(first, last) line index of each marked block; OnboardError on a broken marker."""
-    found: list[tuple[int, int]] = []
-    start: int | None = None
-    for index, line in enumerate(lines):
-        bare = _bare(line)
-        if bare.startswith(BEGIN_PREFIX):
-            if start is not None:
-                raise OnboardError(f"{where}:{index + 1}: second BEGIN before END; fix by hand")
-            start = index
-        elif bare == END:
-            if start is None:
-                raise OnboardError(f"{where}:{index + 1}: END without BEGIN; fix by hand")
-            found.append((start, index))
-            start = None
-    if start is not None:
-        raise OnboardError(
-            f"{where}:{start + 1}: '# BEGIN vmagent onboard' without '# END vmagent onboard'; "
-            "fix the file by hand (vmagent does not guess where the block ends)"
-        )
-    return found
-
-
-def set_block(text: bytes, entries: Sequence[HostEntry], where: str) -> bytes:
-    """``text`` (a hosts file) with one marked block holding ``entries``: an existing block
-    is replaced where it stands, else the block is appended. Every other byte is kept (a
-    missing final newline is added before an appended block)."""
-    lines = _lines(text)
-    blocks = _blocks(lines, where)
-    block = [BEGIN + b"\n", *(e.line() + b"\n" for e in entries), END + b"\n"]
-    if not blocks:
-        if lines and not lines[-1].endswith(b"\n"):
-            lines[-1] += b"\n"
-        return b"".join(lines + block)
-    kept = _without(lines, blocks[1:])
-    first, last = blocks[0]
-    return b"".join(kept[:first] + block + kept[last + 1 :])
-
-
-def remove_block(text: bytes, where: str) -> bytes:
-    """``text`` without the marked blocks (no change when there is none)."""
-    lines = _lines(text)
-    return b"".join(_without(lines, _blocks(lines, where)))
-
-
-def _without(lines: list[bytes], blocks: Sequence[tuple[int, int]]) -> list[bytes]:
-    drop = {i for first, last in blocks for i in range(first, last + 1)}
-    return [line for index, line in enumerate(lines) if index not in drop]
-
-
-def conflicts(text: bytes, entries: Sequence[HostEntry], where: str) -> list[str]:
-    """Warnings for names of ``entries`` that lines outside the block also name with another
-    address: glibc's files backend answers with the first matching line, so those win."""
-    lines = _lines(text)
-    inside = {i for first, last in _blocks(lines, where) for i in range(first, last + 1)}
-    wanted = {name.lower().rstrip("."): entry.ip for entry in entries for name in entry.names}
-    warnings: list[str] = []
-    for index, line in enumerate(lines):
-        words = line.partition(b"#")[0].split()
-        if index in inside or len(words) < 2:
-            continue
-        ip = words[0].decode("ascii", "replace")
-        for word in words[1:]:
-            name = word.decode("ascii", "replace").lower().rstrip(".")
-            if name in wanted and wanted[name] != ip:
-                warnings.append(
-                    f"{where}:{index + 1}: {name} is already listed with {ip} (left as it is); "
-                    f"that line wins over the onboard block's {wanted[name]}: remove it if stale"
-                )
-    return warnings
+def next_steps(running: bool) -> list[str]:
+    """The closing lines after an install. The package enables the unit; ``running`` (its
+    status socket answers): restart it to read the new files, else start it. ``--no-block``:
+    with Type=notify, ``systemctl start`` would wait until the agent is ready (up to the
+    unit's 5 min TimeoutStartSec); ``vmagent status --wait`` bounds and shows that wait."""
+    verb = "restart" if running else "start"
+    why = "it is running: a restart reads the new files" if running else "it is not running"
+    return [
+        f"next: sudo systemctl {verb} --no-block vmagent   ({why})",
+        "      vmagent status --wait 120",
+    ]
 
 
 def _date(seconds: float) -> str:
