@@ -123,7 +123,7 @@ def test_filled_template_passes_cloud_init_schema(
     checked = schema(user_data)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "Valid cloud-config" in checked.stdout
-    # Every file arrives byte for byte (the block scalars' indentation is right).
+    # Every file arrives as its text (the block scalars' indentation is right).
     config = yaml.safe_load(rendered.stdout)
     written = {Path(f["path"]).name: f["content"] for f in config["write_files"]}
     for name in ("cluster.env", "mesh.yaml", "root-cert.pem"):
@@ -183,6 +183,233 @@ def test_render_names_what_is_missing_or_unknown(istioctl_dir: Path) -> None:
     (istioctl_dir / "istio-token").unlink()
     absent = render("istio-files.yaml", istioctl_dir, **PACKAGE)
     assert absent.returncode == 2 and "istio-token" in absent.stderr
+
+
+def render_args(template: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """render.py with raw arguments (``--file``, ``--set`` exactly as typed)."""
+    return run(sys.executable, RENDER, TEMPLATES / template, *args, check=False)
+
+
+def write_files(user_data: str) -> dict[str, str]:
+    config = yaml.safe_load(user_data)
+    return {Path(f["path"]).name: f["content"] for f in config["write_files"]}
+
+
+@pytest.mark.parametrize(
+    "pem_prefix",
+    ["  ", "\n  ", "\n\n    "],
+    ids=["indented", "blank-then-indented", "blanks-then-deeper"],
+)
+@pytest.mark.parametrize("template", sorted(FILLED))
+def test_a_file_whose_first_line_is_indented_arrives_intact(
+    template: str, pem_prefix: str, istioctl_dir: Path, tmp_path: Path
+) -> None:
+    """A PEM pasted with leading spaces (or after a blank line) used to end the block scalar
+    early: broken user-data, exit 0. Now the header carries the indentation indicator."""
+    pem = (istioctl_dir / "root-cert.pem").read_text()
+    indented = pem_prefix + pem.replace("\n", "\n  ").rstrip(" ") + "\n\n"
+    (istioctl_dir / "root-cert.pem").write_text(indented)
+    rendered = render(template, istioctl_dir, **FILLED[template])
+    assert rendered.returncode == 0, rendered.stderr
+    # Trailing blank lines dropped, one final newline; everything else as it was.
+    assert write_files(rendered.stdout)["root-cert.pem"] == indented.rstrip("\n") + "\n"
+    (tmp_path / "user-data").write_text(rendered.stdout)
+    checked = schema(tmp_path / "user-data")
+    assert checked.returncode == 0 and "Valid cloud-config" in checked.stdout, checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("token\x85\n", "does not survive YAML"),  # NEL: a YAML 1.1 line break, dropped
+        ("tok\x85  en\n", "does not survive YAML"),  # ... or turned into "\n"
+        ("tok\x85en\n", "not valid in YAML"),
+        ("tok\x07en\n", "not valid in YAML"),  # a control character YAML does not allow
+    ],
+    ids=["NEL-end", "NEL-indented", "NEL", "control-char"],
+)
+def test_render_parses_its_output_and_names_a_file_yaml_mangles(
+    text: str, why: str, istioctl_dir: Path
+) -> None:
+    (istioctl_dir / "istio-token").write_text(text)
+    rendered = render("istio-files.yaml", istioctl_dir, **PACKAGE)
+    assert rendered.returncode == 2 and rendered.stdout == "", rendered.stdout
+    assert why in rendered.stderr and "@ISTIO_TOKEN@" in rendered.stderr, rendered.stderr
+
+
+@pytest.mark.parametrize("via", ["--from", "--file"])
+def test_a_non_utf8_file_is_refused_by_name(via: str, istioctl_dir: Path) -> None:
+    pem = istioctl_dir / "root-cert.pem"
+    pem.write_bytes(b"\xff\xfe-----BEGIN CERTIFICATE-----\n")
+    if via == "--from":
+        rendered = render("istio-files.yaml", istioctl_dir, **PACKAGE)
+    else:
+        sets = [f"--set={k}={v}" for k, v in PACKAGE.items()]
+        others = [f"--file={k}={istioctl_dir / f}" for k, f in
+                  [("CLUSTER_ENV", "cluster.env"), ("MESH_YAML", "mesh.yaml"),
+                   ("ISTIO_TOKEN", "istio-token"), ("HOSTS", "hosts")]]  # fmt: skip
+        rendered = render_args("istio-files.yaml", *sets, *others, f"--file=ROOT_CERT_PEM={pem}")
+    assert rendered.returncode == 2 and "Traceback" not in rendered.stderr, rendered.stderr
+    assert "root-cert.pem: not UTF-8 text" in rendered.stderr, rendered.stderr
+    assert "@ROOT_CERT_PEM@" in rendered.stderr, rendered.stderr
+
+
+@pytest.mark.parametrize(
+    ("template", "argument", "expected"),
+    [
+        ("istio-files.yaml", "VMAGENT_PACKAGE_SHA256", "give --set NAME=VALUE"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_URL=", "@VMAGENT_PACKAGE_URL@: empty"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_URL=ftp://h/a.deb", "https://, http:// or file://"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_URL=https://h/a b.deb", "without spaces"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_URL=https://h/a.deb'; touch /tmp/pwned; '", "quotes"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_SHA256=", "@VMAGENT_PACKAGE_SHA256@: empty"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_SHA256=nothex", "64 hex digits"),
+        ("istio-files.yaml", "VMAGENT_PACKAGE_SHA256=" + "0" * 63, "64 hex digits"),
+        ("cloud-identity.yaml", "CREDENTIAL_FETCHER_TYPE=gce", "GoogleComputeEngine, AWS, Azure"),
+        ("cloud-identity.yaml", "CREDENTIAL_FETCHER_TYPE=JWT", "JWT needs istio-token"),
+        ("cloud-identity.yaml", "CREDENTIAL_FETCHER_TYPE=", "@CREDENTIAL_FETCHER_TYPE@: empty"),
+    ],
+)
+def test_each_value_is_checked_and_a_bad_one_named(
+    template: str, argument: str, expected: str, istioctl_dir: Path
+) -> None:
+    values = {k: v for k, v in FILLED[template].items() if k != argument.partition("=")[0]}
+    rendered = render_args(
+        template, "--from", istioctl_dir, *(f"--set={k}={v}" for k, v in values.items()),
+        f"--set={argument}",
+    )  # fmt: skip
+    assert rendered.returncode == 2 and rendered.stdout == "", rendered.stderr
+    assert expected in rendered.stderr, rendered.stderr
+    assert f"@{argument.partition('=')[0]}@" in rendered.stderr or "=" not in argument
+
+
+def test_accepted_values_are_normalised(istioctl_dir: Path) -> None:
+    rendered = render(
+        "cloud-identity.yaml", istioctl_dir, CREDENTIAL_FETCHER_TYPE="aws",
+        VMAGENT_PACKAGE_URL="file:///srv/vmagent.rpm", VMAGENT_PACKAGE_SHA256="AB" * 32,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    assert write_files(rendered.stdout)["cluster.env"].endswith("CREDENTIAL_FETCHER_TYPE=AWS\n")
+    assert f"sha256='{'ab' * 32}'" in rendered.stdout
+    unchecked = PACKAGE | {"VMAGENT_PACKAGE_SHA256": "unchecked"}
+    skipped = render("istio-files.yaml", istioctl_dir, **unchecked)
+    assert skipped.returncode == 0 and "sha256=''\n" in skipped.stdout, skipped.stderr
+
+
+def runcmd_script(user_data: str, workdir: Path, stage: str) -> Path:
+    """The rendered runcmd script, its /var/tmp and staging paths moved into ``workdir``."""
+    script = yaml.safe_load(user_data)["runcmd"][0]
+    assert script.count(stage) == 1 and script.count("/var/tmp/") == 2, script
+    path = workdir / "runcmd"
+    path.write_text(
+        script.replace(stage, str(workdir / "stage")).replace("/var/tmp/", f"{workdir}/")
+    )
+    return path
+
+
+STUB = '#!/bin/sh\necho "$(basename "$0") $*" >> "$STUB_LOG"\n'
+STUB_ONBOARD = STUB + '[ "$1 ${FAIL_ONBOARD:-}" != "onboard 1" ]\n'
+
+
+def stubbed_path(workdir: Path) -> dict[str, str]:
+    """PATH with logging stand-ins for the system-changing commands (apt-get, systemctl,
+    vmagent); curl, sha256sum and sh stay real (the URL is a file:// one: no network)."""
+    bin_dir = workdir / "bin"
+    bin_dir.mkdir()
+    for name, text in (("apt-get", STUB), ("systemctl", STUB), ("vmagent", STUB_ONBOARD)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(workdir / "calls")}
+
+
+@pytest.mark.parametrize("template", sorted(FILLED))
+def test_a_hostile_url_renders_inert(template: str, istioctl_dir: Path, tmp_path: Path) -> None:
+    """A URL without quotes or spaces but with $( ), ${IFS} and ; passes the check: it must
+    reach curl as one word, running nothing (no network: a file:// URL of a file so named)."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl missing")
+    work = tmp_path / "work"
+    work.mkdir()
+    hostile = work / "pkg$(touch${IFS}pwned);touch${IFS}pwned2;{a,b}[1-2]"
+    hostile.write_bytes(b"not the package")
+    values = FILLED[template] | {"VMAGENT_PACKAGE_URL": f"file://{hostile}"}
+    rendered = render(template, istioctl_dir, **values)
+    assert rendered.returncode == 0, rendered.stderr
+    stage = {"istio-files.yaml": "/var/lib/vmagent-onboarding"}.get(
+        template, "/var/lib/vmagent-config"
+    )
+    script = runcmd_script(rendered.stdout, work, stage)
+    assert run("sh", "-n", script).returncode == 0
+    ran = run("sh", script, cwd=work, env=stubbed_path(work), check=False)
+    # curl fetched that very file (one word, no globbing); its SHA-256 is not 0*64: refused,
+    # the download removed; nothing else ran.
+    assert ran.returncode == 1 and "SHA-256 mismatch" in ran.stderr, ran.stdout + ran.stderr
+    assert sorted(p.name for p in work.iterdir()) == sorted([hostile.name, "runcmd", "bin"])
+    assert not (work / "calls").exists()
+
+
+def test_the_script_can_be_rerun_after_a_failure(istioctl_dir: Path, tmp_path: Path) -> None:
+    """runcmd runs once per instance; the operator re-runs it. Staged files stay until
+    installed; a run after that skips the step (it used to fail: the staging dir was gone)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    package = work / "vmagent.pkg"
+    package.write_bytes(b"package bytes")
+    digest = hashlib.sha256(package.read_bytes()).hexdigest()
+    rendered = render(
+        "istio-files.yaml", istioctl_dir, VMAGENT_PACKAGE_URL=f"file://{package}",
+        VMAGENT_PACKAGE_SHA256=digest,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    script = runcmd_script(rendered.stdout, work, "/var/lib/vmagent-onboarding")
+    (work / "stage").mkdir()
+    (work / "stage" / "istio-token").write_text("tok\n")
+    env = stubbed_path(work)
+    first = run("sh", script, env=env | {"FAIL_ONBOARD": "1"}, check=False)
+    assert first.returncode != 0 and (work / "stage" / "istio-token").exists()
+    for attempt in (2, 3):  # the retry, then once more: both succeed
+        again = run("sh", script, env=env, check=False)
+        assert again.returncode == 0, (attempt, again.stdout + again.stderr)
+        assert not (work / "stage").exists()
+    calls = (work / "calls").read_text().splitlines()
+    assert [c.split()[1] for c in calls if c.startswith("vmagent")] == [
+        "onboard", "onboard", "status", "status"
+    ]  # fmt: skip
+    assert calls.count("systemctl enable --now --no-block vmagent") == 2
+
+
+def test_size_warns_above_ec2_and_refuses_above_gce(istioctl_dir: Path) -> None:
+    normal = render("istio-files.yaml", istioctl_dir, **PACKAGE)
+    assert normal.returncode == 0 and normal.stderr == "", normal.stderr
+    # The template's leading comment block is left out (--keep-comments keeps it).
+    assert len(normal.stdout) < 6000 and "What happens" not in normal.stdout
+    kept = render_args(
+        "istio-files.yaml", "--keep-comments", "--from", istioctl_dir,
+        *(f"--set={k}={v}" for k, v in PACKAGE.items()),
+    )  # fmt: skip
+    assert kept.returncode == 0 and "What happens" in kept.stdout
+    mesh = istioctl_dir / "mesh.yaml"
+    text = mesh.read_text()
+    mesh.write_text(text + "# padding\n" * 1700)  # ~17 KB
+    big = render("istio-files.yaml", istioctl_dir, **PACKAGE)
+    assert big.returncode == 0 and "above EC2's 16384" in big.stderr, big.stderr
+    mesh.write_text(text + "# padding\n" * 27000)  # ~270 KB
+    huge = render("istio-files.yaml", istioctl_dir, **PACKAGE)
+    assert huge.returncode == 2 and huge.stdout == "" and "above 262144" in huge.stderr
+
+
+@pytest.mark.parametrize("template", sorted(FILLED))
+def test_manage_etc_hosts_is_off_explicitly(template: str, istioctl_dir: Path) -> None:
+    rendered = render(template, istioctl_dir, **FILLED[template])
+    assert yaml.safe_load(rendered.stdout)["manage_etc_hosts"] is False
+
+
+def test_docs_name_every_copy_of_the_token_and_the_retry() -> None:
+    doc = (REPO / "docs" / "cloud-init.md").read_text()
+    for place in ("user-data.txt", "user-data.txt.i", "cloud-config.txt", "obj.pkl"):
+        assert f"/var/lib/cloud/instance/{place}" in doc or f"`{place}`" in doc, place
+    assert "/var/lib/cloud/instance/scripts/runcmd" in doc
+    assert "byte for byte" not in doc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +549,7 @@ def test_istio_files_user_data_installs_onboards_and_ends_healthy(
             # onboard's marked block; the staging copies are gone.
             hosts = root.file("/etc/hosts").read_text()
             assert "# BEGIN vmagent onboard" in hosts and HOSTS_LINE in hosts
-            assert machine.sh("ls /run/vmagent-onboarding").returncode != 0
+            assert machine.sh("ls /var/lib/vmagent-onboarding").returncode != 0
             print(f"\ncloud-init (istio files): machine start -> status: done in {took:.1f} s")
 
 
