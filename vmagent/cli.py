@@ -239,7 +239,15 @@ def _main(argv: Sequence[str] | None) -> int:
         # exit (2).
         args.help_parser.print_help()
         return 2
-    from vmagent.status.journal import configure_logging, log_level
+    from vmagent.status.journal import (
+        JournalErrorStream,
+        configure_logging,
+        log_level,
+        to_journal,
+    )
+
+    if to_journal(os.environ, sys.stderr):  # error lines at error priority, not info
+        sys.stderr = JournalErrorStream(sys.stderr)
 
     try:  # the flag, else $VMAGENT_LOG_LEVEL; journald's format when stderr is the journal
         flag = None if isinstance(args.log_level, _DefaultLevel) else args.log_level

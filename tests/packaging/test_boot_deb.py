@@ -220,6 +220,12 @@ def test_remove_keeps_config_and_purge_removes_everything(
         assert not root.file("/usr/bin/vmagent").exists()
         for kept in ("/etc/vmagent/cluster.env", "/etc/vmagent/istio-token", "/var/lib/vmagent"):
             assert root.file(kept).exists(), kept
+        # Installed again with its configuration still there: started, as a fresh install
+        # (dpkg passes the old version, as for an upgrade of a stopped agent).
+        again = machine.sh(f"apt-get install -y -q /var/tmp/pkgs/{built.deb.name}")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "vmagent status --wait 300" in again.stdout
+        assert machine.sh("vmagent status --wait 60").returncode == 0
         purged = machine.sh("apt-get purge -y -q vmagent")
         assert purged.returncode == 0, purged.stdout + purged.stderr
         for gone in ("/etc/vmagent", "/var/lib/vmagent", "/lib/systemd/system/vmagent.service"):
@@ -329,3 +335,31 @@ def test_install_does_not_wait_for_an_unreachable_istiod(
         machine.sh(f"kill -HUP {first}")
         assert machine.sh("vmagent status --wait 60").returncode == 0
         assert machine.sh("systemctl is-active vmagent").stdout.strip() == "active"
+
+
+def test_boot_completes_while_istiod_is_unreachable(
+    tmp_path: Path, tarball: Path, built: Built, keys: Path, netns: NetNS
+) -> None:
+    """A configured VM rebooting while istiod is away: the boot reaches multi-user.target
+    (and cloud-final, and whatever follows it) while the agent waits for READY=1 and keeps
+    retrying; only units ordered After=vmagent wait for the mesh."""
+    root = installed_root(tmp_path, tarball, built, keys)
+    unreachable = f"defaultConfig:\n  discoveryAddress: {CLOUD_IP}:1\n"
+    mesh = root.write("/etc/vmagent/mesh.yaml", unreachable)
+    os.chown(mesh, 0, root.gid("vmagent"))
+    with booted(root, netns, tmp_path / "boot.log", until_booted=False) as machine:
+        machine.wait_for(
+            lambda: machine.sh("systemctl is-active multi-user.target").stdout.strip() == "active",
+            60,
+            "multi-user.target while the agent waits for istiod",
+        )
+        # Starting (not failed and restarting), saying what it waits for.
+        machine.wait_for(
+            lambda: (
+                machine.sh("systemctl show -P SubState vmagent").stdout.strip() == "start"
+                and "waiting for" in machine.sh("systemctl show -P StatusText vmagent").stdout
+            ),
+            30,
+            "vmagent starting and saying what it waits for",
+        )
+        assert machine.sh("systemctl show -P NRestarts vmagent").stdout.strip() == "0"

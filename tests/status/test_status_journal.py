@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -10,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from vmagent.status.journal import JournalFormatter, log_level, syslog_priority, to_journal
+from vmagent.status.journal import (
+    JournalErrorStream,
+    JournalFormatter,
+    log_level,
+    syslog_priority,
+    to_journal,
+)
 
 
 def record(level: int, message: str) -> logging.LogRecord:
@@ -52,3 +59,35 @@ def test_bad_log_level_variable_is_a_clear_error() -> None:
     assert done.returncode == 2
     assert "VMAGENT_LOG_LEVEL='loud' is not a log level" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_error_lines_printed_under_journald_carry_error_priority(tmp_path: Path) -> None:
+    """`vmagent: configuration error: ...` is printed, not logged: under journald it must be
+    <3> (error), or `journalctl -p warning` hides why the unit keeps failing."""
+    err = tmp_path / "stderr"
+    with err.open("w") as stream:
+        info = os.fstat(stream.fileno())
+        env = {
+            "PATH": os.environ["PATH"],
+            "JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}",
+            "VMAGENT_CLUSTER_ENV": "/dev/null",
+            "VMAGENT_MESH_CONFIG": "/dev/null",
+            "CREDENTIAL_FETCHER_TYPE": "gce",
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "vmagent", "config", "show"],
+            stderr=stream, stdout=subprocess.DEVNULL, env=env, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 2
+    lines = err.read_text().splitlines()
+    assert lines and all(line.startswith("<3>") for line in lines), lines
+    assert lines[0].startswith("<3>vmagent: configuration error: CREDENTIAL_FETCHER_TYPE")
+
+
+def test_journal_error_stream_keeps_prefixed_lines_and_prefixes_the_rest() -> None:
+    out = io.StringIO()
+    stream = JournalErrorStream(out)  # type: ignore[arg-type]
+    print("plain error", file=stream)
+    stream.write("<6>logged line\nsecond ")
+    stream.write("part\n")
+    assert out.getvalue() == "<3>plain error\n<6>logged line\n<3>second part\n"

@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import os
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -121,6 +122,14 @@ class TokenFileProvider:
             token = path.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             raise CredentialError(f"token file {path} does not exist") from None
+        except PermissionError:
+            # The usual cause: a token copied by hand as root (0600) for an agent that runs as
+            # the unprivileged vmagent user (the systemd unit).
+            raise CredentialError(
+                f"token file {path} cannot be read: permission denied for this user"
+                f" ({_user_name()}); make it readable to the agent's group: `chgrp vmagent"
+                f" {path} && chmod 0640 {path}` (vmagent onboard --from DIR does this)"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise CredentialError(f"token file {path} cannot be read: {exc}") from None
         if not token:
@@ -303,3 +312,13 @@ class AzureProvider:
         bearer = encode_azure(AzureIdentity(encoding, signature.strip(), nonce, subset))
         vm = subset.get("name") or subset.get("vmId", "?")
         return Credential(AZURE, bearer, None, f"Azure IMDS {self.endpoint} ({vm})")
+
+
+def _user_name() -> str:
+    """This process's user name (its uid when it has none)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"

@@ -9,8 +9,10 @@ journal stamps every entry). Elsewhere the format stays ``time LEVEL logger: mes
 
 from __future__ import annotations
 
+import io
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -43,6 +45,40 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = f"<{syslog_priority(record.levelno)}>"
         return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+_PREFIX = re.compile(r"<[0-7]>")
+
+
+class JournalErrorStream(io.TextIOBase):
+    """stderr under journald for what is not logged: the CLI's error lines (``vmagent:
+    configuration error: ...``), usage errors, a traceback. journald would record them at its
+    default priority, info, hiding them from ``journalctl -p warning``; each line without a
+    ``<N>`` prefix gets ``<3>`` (error). Lines the log handler prefixed pass unchanged."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._at_line_start = True
+
+    def write(self, text: str) -> int:
+        out: list[str] = []
+        for piece in text.splitlines(keepends=True):
+            if self._at_line_start and not _PREFIX.match(piece):
+                piece = "<3>" + piece
+            out.append(piece)
+            self._at_line_start = piece.endswith(("\n", "\r"))
+        self._stream.write("".join(out))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def writable(self) -> bool:
+        return True
 
 
 def to_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
