@@ -12,6 +12,7 @@ import argparse
 import grp
 import os
 import pwd
+import shlex
 import socket
 import sys
 import time
@@ -324,8 +325,12 @@ def _do_hosts(path: Path, old: bytes, new: bytes, count: int, dry: bool) -> None
         print(core.row("unchanged", f"{path} ({block})"))
         return
     note = None if dry else writes.rewrite_keeping_owner(path, new)
-    print(core.row("would update" if dry else "updated",
-                   f"{path} ({block}; remove with: vmagent onboard --remove-hosts)"))
+    # The removal command as it must be typed for this file (not /etc/hosts's by default).
+    remove = "vmagent onboard --remove-hosts" + (
+        "" if str(path) == DEFAULT_HOSTS else f" --hosts-file {shlex.quote(str(path))}"
+    )
+    verb = "would update" if dry else "updated"
+    print(core.row(verb, f"{path} ({block}; remove with: {remove})"))
     if note:
         print(f"note: {note}")
 
