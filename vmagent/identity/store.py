@@ -12,10 +12,10 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vmagent import fileio
 from vmagent.identity.certs import CertBundle, ChainError, bundle_from_files
 
 log = logging.getLogger(__name__)
@@ -34,23 +34,7 @@ class StoreError(OSError):
 
 def atomic_write(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new content, never a part."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            os.fchmod(out.fileno(), mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fileio.atomic_write(path, data, mode, None, None)
 
 
 def _same_file(a: Path, b: Path) -> bool:
