@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bootroot import base_tarball
+from bootroot import NetNS, base_tarball, devmesh, resolver, skip_unless_bootable
 from pkgtools import REPO, Built, build_packages, run, skip_unless_buildable
 
 
@@ -60,3 +60,28 @@ def debian_tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not os.environ.get("VMAGENT_TEST_ROOT_TARBALL") and shutil.which("mmdebstrap") is None:
         pytest.skip("mmdebstrap missing (apt-get install mmdebstrap); run scripts/setup --test")
     return base_tarball(tmp_path_factory.mktemp("boot-cache"))
+
+
+@pytest.fixture(scope="session")
+def tarball(debian_tarball: Path) -> Path:
+    """The session's Debian root tarball, where this machine can boot a container."""
+    skip_unless_bootable()
+    return debian_tarball
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    """The VM's and the cloud's network namespaces (bootroot.NetNS), deleted after the test."""
+    skip_unless_bootable()
+    namespace = NetNS()
+    try:
+        yield namespace
+    finally:
+        namespace.delete()
+
+
+@pytest.fixture
+def keys(netns: NetNS, tmp_path: Path) -> Iterator[Path]:
+    """The cloud side's resolver and devmesh; devmesh's key directory (root-cert.pem)."""
+    with resolver(netns, tmp_path), devmesh(netns, tmp_path) as key_dir:
+        yield key_dir

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,35 +23,11 @@ from bootroot import (
     NetNS,
     Root,
     booted,
-    devmesh,
     onboarding_files,
-    resolver,
-    skip_unless_bootable,
 )
 from pkgtools import Built, run
 
 pytestmark = [pytest.mark.boot, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(scope="session")
-def tarball(debian_tarball: Path) -> Path:
-    skip_unless_bootable()
-    return debian_tarball
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNS]:
-    namespace = NetNS()
-    try:
-        yield namespace
-    finally:
-        namespace.delete()
-
-
-@pytest.fixture
-def keys(netns: NetNS, tmp_path: Path) -> Iterator[Path]:
-    with resolver(netns, tmp_path), devmesh(netns, tmp_path) as key_dir:
-        yield key_dir
 
 
 def onboard(root: Root, keys: Path, **cluster_env: str) -> None:

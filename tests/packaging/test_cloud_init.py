@@ -33,13 +33,11 @@ from bootroot import (
     Machine,
     NetNS,
     Root,
-    base_tarball,
     booted,
     devmesh,
     onboarding_files,
     resolver,
     serve_http,
-    skip_unless_bootable,
     stop,
 )
 from cryptography import x509
@@ -414,21 +412,6 @@ def test_docs_name_every_copy_of_the_token_and_the_retry() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Real NoCloud boots
-
-
-@pytest.fixture(scope="session")
-def tarball(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    skip_unless_bootable()
-    return base_tarball(tmp_path_factory.mktemp("boot-cache"))
-
-
-@pytest.fixture
-def netns() -> Iterator[NetNS]:
-    namespace = NetNS()
-    try:
-        yield namespace
-    finally:
-        namespace.delete()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -31,10 +30,7 @@ from bootroot import (
     NetNS,
     Root,
     booted,
-    devmesh,
     onboarding_files,
-    resolver,
-    skip_unless_bootable,
 )
 from pkgtools import Built, run
 
@@ -320,21 +316,11 @@ def test_erase_disables_and_keeps_config_then_reinstall_is_clean(
 
 
 @pytest.fixture
-def netns() -> Iterator[NetNS]:
-    skip_unless_bootable()
+def netns(netns: NetNS) -> NetNS:
+    """conftest's namespaces, where the host's python3-rpm can drive rpm (the booted test)."""
     if run("/usr/bin/python3", "-c", "import rpm", check=False).returncode != 0:
         pytest.skip("python3-rpm missing (apt-get install python3-rpm, rpmlint brings it)")
-    namespace = NetNS()
-    try:
-        yield namespace
-    finally:
-        namespace.delete()
-
-
-@pytest.fixture
-def keys(netns: NetNS, tmp_path: Path) -> Iterator[Path]:
-    with resolver(netns, tmp_path), devmesh(netns, tmp_path) as key_dir:
-        yield key_dir
+    return netns
 
 
 def active(machine: Machine) -> str:
